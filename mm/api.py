@@ -1,0 +1,112 @@
+"""mm.load and checkpoint files of the composite model.
+
+A checkpoint directory holds:
+    config.yaml          the model config, the decoder's identity (source and sha256), the format
+    adapters.safetensors every non-decoder tensor (the decoder is referenced, never copied)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from mm.checkpoint import load_tensors, write_dir_atomically
+from mm.config import CONFIG_DIR, ModelConfig, from_dict, list_configs, load_model_config, to_dict
+from mm.decoders import load_decoder
+from mm.errors import CheckpointError, ConfigError, InputError
+from mm.model import MultimodalModel
+
+FORMAT = "mm-checkpoint/1"
+CONFIG_FILE, WEIGHTS_FILE = "config.yaml", "adapters.safetensors"
+
+
+def build(config: ModelConfig) -> MultimodalModel:
+    decoder, tokenizer = load_decoder(config.decoder)
+    return MultimodalModel(config, decoder, tokenizer)
+
+
+def load(source: str | Path = "smollm2", *, overrides: list[str] = (), force: bool = False,
+         device: str | torch.device | None = None) -> MultimodalModel:
+    """A model by name (tiny, smollm2, ... from configs/models/), a checkpoint directory written by
+    `save` or a training stage, a model config YAML, or a Llama checkpoint directory (which gets the
+    default, untrained adapters). `force` loads a checkpoint onto a decoder whose weights differ
+    from the one it was trained with."""
+    name = str(source)
+    path = Path(name)
+    if name in list_configs("models"):
+        model = build(load_model_config(CONFIG_DIR / "models" / f"{name}.yaml", overrides))
+    elif path.is_dir() and (path / CONFIG_FILE).is_file():
+        model = load_checkpoint(path, force=force)
+    elif path.is_file() and path.suffix in (".yaml", ".yml"):
+        model = build(load_model_config(path, overrides))
+    elif path.is_dir() and (path / "config.json").is_file():
+        default = CONFIG_DIR / "models" / "smollm2.yaml"
+        model = build(load_model_config(default, [f"decoder={path.resolve()}", *overrides]))
+    elif path.exists():
+        raise InputError(path, "not a model: expected a checkpoint directory (config.yaml), "
+                               "a model config (.yaml) or a Llama checkpoint directory (config.json)")
+    else:
+        raise InputError(name, f"unknown model (not a file or directory; names: {', '.join(list_configs('models'))})")
+    return model.to(device) if device is not None else model
+
+
+def save_checkpoint(model: MultimodalModel, path: str | Path, tensors: dict | None = None,
+                    extra: dict | None = None) -> None:
+    """Write `tensors` (default: all adapter tensors) and the config, atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in (tensors or model.adapter_state_dict()).items()}
+    meta = {
+        "format": FORMAT,
+        "model": to_dict(model.config),
+        "decoder": {"source": model.config.decoder, "sha256": model.decoder_sha256()},
+        **(extra or {}),
+    }
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS_FILE))
+        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(meta, sort_keys=False))
+
+    write_dir_atomically(path, write)
+
+
+def read_checkpoint_meta(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        meta = yaml.safe_load((path / CONFIG_FILE).read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
+        raise CheckpointError(path / CONFIG_FILE, f"unreadable checkpoint config ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(path / CONFIG_FILE, f"not an mm checkpoint (format should be {FORMAT})")
+    return meta
+
+
+def load_checkpoint(path: str | Path, *, force: bool = False) -> MultimodalModel:
+    path = Path(path)
+    meta = read_checkpoint_meta(path)
+    config = from_dict(ModelConfig, meta.get("model") or {}, str(path / CONFIG_FILE))
+    config.validate(str(path / CONFIG_FILE))
+    tensors = load_tensors(path / WEIGHTS_FILE)  # read (and validated) before the model is built
+    model = build(config)
+    expected = meta.get("decoder", {}).get("sha256")
+    if expected != model.decoder_sha256() and not force:
+        raise CheckpointError(path, f"trained on another decoder (sha256 {str(expected)[:12]}..., "
+                                    f"loaded {model.decoder_sha256()[:12]}...); pass force=True / --force to load anyway")
+    load_adapter_tensors(model, tensors, path)
+    return model
+
+
+def load_adapter_tensors(model: MultimodalModel, tensors: dict, source) -> None:
+    """Load a subset of adapter tensors; names and shapes must match the model's."""
+    own = model.adapter_state_dict()
+    unknown = sorted(set(tensors) - set(own))
+    if unknown:
+        raise CheckpointError(source, f"unexpected tensor '{unknown[0]}' ({len(unknown)} in all) for this model")
+    for name, t in tensors.items():
+        if t.shape != own[name].shape:
+            raise CheckpointError(source, f"tensor '{name}' has shape {list(t.shape)}, model has {list(own[name].shape)}")
+    model.load_state_dict(tensors, strict=False)
+
+
+__all__ = ["load", "build", "save_checkpoint", "load_checkpoint", "ConfigError"]

@@ -1,0 +1,287 @@
+"""The composite model: encoders -> projectors -> gated cross-attention into a frozen Llama.
+
+    model = MultimodalModel(config, decoder, tokenizer)
+    model.generate("What is shown?", images=["a.jpg"])
+
+Modules are kept in dicts keyed by modality (`encoders`, `projectors`, `xattn`) so that the
+video and speech paths plug in beside the image path. The decoder is never trained: it is
+frozen here, and `trainable_parameters` never returns one of its parameters.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import DynamicCache
+
+from adapters import CrossAttentionBlock, CrossAttentionFusion, MediaContext, MediaTokenEmbedding
+from mm.checkpoint import fingerprint
+from mm.config import ModelConfig
+from mm.decoders import freeze
+from mm.errors import InputError
+from mm.generation import Sampler, incremental_text
+from vision import ImageEncoder, ImageProcessor
+from vision.transforms import TiledImages
+
+MEDIA_TOKENS = {"image": "<|image|>", "video": "<|video|>", "audio": "<|audio|>"}
+
+
+def cross_attention_layers(n_layers: int, every: int) -> list[int]:
+    """Decoder layers preceded by a cross-attention block: k-1, 2k-1, ... (3, 7, ..., 31 for 32 / 4)."""
+    return [i for i in range(n_layers) if (i + 1) % every == 0]
+
+
+@dataclass
+class Batch:
+    """Token ids, left-padded, and the images of all rows in row order.
+
+    ids, attention_mask: [b, L];  images: TiledImages of n images;  image_rows: [n] row of each.
+    """
+
+    ids: Tensor
+    attention_mask: Tensor
+    images: TiledImages | None = None
+    image_rows: Tensor | None = None
+
+
+class MultimodalModel(nn.Module):
+    def __init__(self, config: ModelConfig, decoder: nn.Module, tokenizer: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.decoder = freeze(decoder)
+        tokenizer.add_tokens(list(MEDIA_TOKENS.values()), special_tokens=True)
+        self.tokenizer = tokenizer
+        self.media_token_ids = {m: tokenizer.convert_tokens_to_ids(t) for m, t in MEDIA_TOKENS.items()}
+        dc = decoder.config
+        table = decoder.get_input_embeddings().weight
+        self.image_layers = cross_attention_layers(dc.num_hidden_layers, config.image_adapter.every)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.media_embedding = MediaTokenEmbedding(list(self.media_token_ids.values()), table.mean(0))
+            self.encoders = nn.ModuleDict({"image": ImageEncoder(config.vision)})
+            self.projectors = nn.ModuleDict({"image": nn.Linear(config.vision.output_dim, dc.hidden_size)})
+            self.xattn = nn.ModuleDict({"image": nn.ModuleList(
+                [self._block(dc) for _ in self.image_layers])})
+        self.to(table.device, table.dtype)
+        self.fusion = CrossAttentionFusion(decoder.model.layers)
+        self.fusion.add("image", self.xattn["image"], self.image_layers)
+        v = config.vision
+        self.image_processor = ImageProcessor(v.image_size, v.max_tiles, v.mean, v.std)
+        self._decoder_sha256: str | None = None
+
+    @staticmethod
+    def _block(dc) -> CrossAttentionBlock:
+        return CrossAttentionBlock(
+            dim=dc.hidden_size, n_heads=dc.num_attention_heads, n_kv_heads=dc.num_key_value_heads,
+            head_dim=getattr(dc, "head_dim", None) or dc.hidden_size // dc.num_attention_heads,
+            mlp_dim=dc.intermediate_size, norm_eps=dc.rms_norm_eps,
+        )
+
+    # ---- what trains, what is saved -------------------------------------------------------
+    def train(self, mode: bool = True) -> "MultimodalModel":
+        super().train(mode)
+        self.decoder.eval()  # frozen: no dropout, whatever the mode of the rest
+        return self
+
+    def adapter_state_dict(self) -> dict[str, Tensor]:
+        """Everything but the decoder (which a checkpoint identifies by hash instead)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("decoder.")}
+
+    def decoder_sha256(self) -> str:
+        if self._decoder_sha256 is None:
+            self._decoder_sha256 = fingerprint(self.decoder.state_dict())
+        return self._decoder_sha256
+
+    @property
+    def device(self) -> torch.device:
+        return self.media_embedding.weight.device
+
+    # ---- forward -------------------------------------------------------------------------
+    def embed(self, ids: Tensor) -> Tensor:
+        return self.media_embedding(ids, self.decoder.get_input_embeddings())
+
+    def image_context(self, ids: Tensor, images: TiledImages | None, image_rows: Tensor | None) -> MediaContext | None:
+        """Encode the batch's images once; place them per row in the order of their <|image|> tokens."""
+        if images is None or len(images) == 0:
+            return None
+        encoder = self.encoders["image"]
+        dtype = self.media_embedding.weight.dtype
+        states = self.projectors["image"](encoder(images.tiles.to(dtype), images.aspect_ratio_ids, images.n_tiles))
+        valid = encoder.token_mask(images.n_tiles, images.tiles.shape[1])  # [n, M]
+        rows, cols = (ids == self.media_token_ids["image"]).nonzero(as_tuple=True)
+        if rows.numel() != len(images) or not torch.equal(rows, image_rows.to(rows.device)):
+            raise InputError("prompt", f"{rows.numel()} <|image|> tokens for {len(images)} images")
+        b, n, m = ids.shape[0], len(images), states.shape[1]
+        first_of_row = torch.searchsorted(rows, rows, side="left")
+        slot = torch.arange(n, device=rows.device) - first_of_row
+        n_max = int(slot.max()) + 1
+        packed = states.new_zeros(b, n_max, m, states.shape[-1])
+        packed_valid = valid.new_zeros(b, n_max, m)
+        start = torch.full((b, n_max), torch.iinfo(torch.long).max, device=ids.device)
+        packed[rows, slot], packed_valid[rows, slot], start[rows, slot] = states, valid, cols
+        return MediaContext(packed.flatten(1, 2), start, packed_valid.flatten(1, 2), m)
+
+    def forward(self, ids: Tensor, attention_mask: Tensor | None = None, images: TiledImages | None = None,
+                image_rows: Tensor | None = None, labels: Tensor | None = None, **decoder_kwargs):
+        """Teacher-forced pass. ids [b, L] -> CausalLMOutputWithPast (loss when labels are given)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(ids)
+        context = self.image_context(ids, images, image_rows)
+        if context is not None:
+            context.set_queries(torch.arange(ids.shape[1], device=ids.device))
+        with self.fusion.media(image=context):
+            return self.decoder(inputs_embeds=self.embed(ids), attention_mask=attention_mask,
+                                position_ids=_positions(attention_mask), labels=labels, **decoder_kwargs)
+
+    # ---- prompts -------------------------------------------------------------------------
+    def render(self, messages: list[dict]) -> tuple[str, list]:
+        """Chat messages (content a string or a list of {"type": "image"|"text", ...} parts)
+        -> prompt text with one <|image|> per image, and the images in order."""
+        flat, images = [], []
+        for message in messages:
+            content = message.get("content", "")
+            if isinstance(content, str):
+                flat.append({"role": message["role"], "content": content})
+                continue
+            text = []
+            for part in content:
+                kind = part.get("type")
+                if kind == "text":
+                    text.append(part.get("text", ""))
+                elif kind == "image":
+                    images.append(next(part[k] for k in ("image", "path", "url") if k in part))
+                    text.append(MEDIA_TOKENS["image"])
+                else:
+                    raise InputError("message", f"unsupported content part type {kind!r}")
+            flat.append({"role": message["role"], "content": "".join(text)})
+        return self.tokenizer.apply_chat_template(flat, add_generation_prompt=True, tokenize=False), images
+
+    def user_messages(self, prompt: str, images: list, system: str | None = None) -> list[dict]:
+        """A one-turn conversation; images go first unless the prompt places <|image|> itself."""
+        if MEDIA_TOKENS["image"] not in prompt:
+            content = [{"type": "image", "image": i} for i in images] + [{"type": "text", "text": prompt}]
+        else:
+            pieces = prompt.split(MEDIA_TOKENS["image"])
+            if len(pieces) - 1 != len(images):
+                raise InputError("prompt", f"{len(pieces) - 1} <|image|> placeholders for {len(images)} images")
+            content = [{"type": "text", "text": pieces[0]}]
+            for image, text in zip(images, pieces[1:]):
+                content += [{"type": "image", "image": image}, {"type": "text", "text": text}]
+        messages = [{"role": "user", "content": content}]
+        return ([{"role": "system", "content": system}] if system else []) + messages
+
+    def prepare(self, conversations: list[list[dict]], max_new_tokens: int = 0) -> Batch:
+        """Conversations -> a left-padded Batch on the model's device, images preprocessed."""
+        ids, images, rows = [], [], []
+        limit = self.decoder.config.max_position_embeddings
+        for row, messages in enumerate(conversations):
+            text, row_images = self.render(messages)
+            tokens = self.tokenizer(text, add_special_tokens=False).input_ids
+            if len(tokens) + max_new_tokens > limit:
+                raise InputError("prompt", f"{len(tokens)} tokens + {max_new_tokens} new exceed the context of {limit}")
+            ids.append(tokens)
+            images += row_images
+            rows += [row] * len(row_images)
+        width = max(len(t) for t in ids)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        batch = torch.full((len(ids), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, tokens in enumerate(ids):
+            batch[i, width - len(tokens):] = torch.tensor(tokens)
+            mask[i, width - len(tokens):] = 1
+        tiled = self.image_processor(images).to(self.device) if images else None
+        return Batch(batch.to(self.device), mask.to(self.device), tiled,
+                     torch.tensor(rows, dtype=torch.long, device=self.device) if images else None)
+
+    # ---- generation ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def decode(self, batch: Batch, max_new_tokens: int, sampler: Sampler) -> Iterator[Tensor]:
+        """Yield the next token of every row [b] per step. Media keys/values are computed at the
+        first step and reused from the MediaContext for every later one; rows that finished
+        get the pad token."""
+        ids, mask = batch.ids, batch.attention_mask
+        context = self.image_context(ids, batch.images, batch.image_rows)
+        self.last_context = context  # kept for inspection (tests count key/value computations)
+        stop = torch.tensor(sorted(self.eos_token_ids()), device=ids.device)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else int(stop[0])
+        cache = DynamicCache(config=self.decoder.config)
+        embeds, positions = self.embed(ids), _positions(mask)
+        query = torch.arange(ids.shape[1], device=ids.device)
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        for _ in range(max_new_tokens):
+            if context is not None:
+                context.set_queries(query)
+            with self.fusion.media(image=context):
+                out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                   past_key_values=cache, use_cache=True, logits_to_keep=1)
+            token = sampler(out.logits[:, -1]).masked_fill(done, pad)
+            yield token
+            done |= torch.isin(token, stop)
+            if bool(done.all()):
+                break
+            embeds = self.embed(token[:, None])
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            positions = positions[:, -1:] + 1
+            query = query[-1:] + 1
+
+    def eos_token_ids(self) -> set[int]:
+        ids = {self.tokenizer.eos_token_id}
+        configured = self.decoder.generation_config.eos_token_id
+        ids |= set(configured if isinstance(configured, list) else [configured])
+        return {i for i in ids if i is not None}
+
+    def generate(self, prompt: str | list[str], images: list | list[list] | None = None, *,
+                 max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 seed: int | None = None, system: str | None = None) -> str | list[str]:
+        """Answer one prompt (images: a list) or a batch (prompt: a list, images: a list per prompt)."""
+        if isinstance(prompt, str):
+            return "".join(self.stream(prompt, images, max_new_tokens=max_new_tokens, temperature=temperature,
+                                       top_k=top_k, top_p=top_p, seed=seed, system=system))
+        per_row = images if images is not None else [[] for _ in prompt]
+        if len(per_row) != len(prompt):
+            raise InputError("images", f"{len(per_row)} image lists for {len(prompt)} prompts")
+        conversations = [self.user_messages(p, list(i or []), system) for p, i in zip(prompt, per_row)]
+        return self._complete(conversations, max_new_tokens, Sampler(temperature, top_k, top_p, seed))
+
+    def chat(self, messages: list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> str:
+        """The assistant's next reply to a transformers-style conversation."""
+        return self._complete([messages], max_new_tokens, Sampler(temperature, top_k, top_p, seed))[0]
+
+    def stream(self, prompt: str, images: list | None = None, *, max_new_tokens: int = 64,
+               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+               system: str | None = None) -> Iterator[str]:
+        """Yield the reply piece by piece as it is generated."""
+        batch = self.prepare([self.user_messages(prompt, list(images or []), system)], max_new_tokens)
+        stop = self.eos_token_ids()
+        tokens = (int(t[0]) for t in self.decode(batch, max_new_tokens, Sampler(temperature, top_k, top_p, seed)))
+        yield from incremental_text(self.tokenizer, _until(tokens, stop))
+
+    def _complete(self, conversations: list[list[dict]], max_new_tokens: int, sampler: Sampler) -> list[str]:
+        batch = self.prepare(conversations, max_new_tokens)
+        steps = list(self.decode(batch, max_new_tokens, sampler))
+        if not steps:
+            return ["" for _ in conversations]
+        stop = self.eos_token_ids()
+        out = torch.stack(steps, dim=1).tolist()
+        return [self.tokenizer.decode(list(_until(row, stop)), skip_special_tokens=True) for row in out]
+
+    def save(self, path) -> None:
+        from mm.api import save_checkpoint
+
+        save_checkpoint(self, path)
+
+
+def _positions(mask: Tensor) -> Tensor:
+    """Position ids that skip left padding: [0 0 0 1 2 ...] for mask [0 0 1 1 1 ...]."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _until(tokens, stop: set[int]):
+    for t in tokens:
+        if t in stop:
+            return
+        yield t

@@ -1,0 +1,1 @@
+"""Video to states: frame decoding and sampling, the temporal aggregator (issue #4)."""
