@@ -54,3 +54,6 @@ def incremental_text(tokenizer, tokens: Iterable[int]) -> Iterator[str]:
         if len(text) > len(emitted):
             yield text[len(emitted):]
         emitted = text
+    final = tokenizer.decode(ids, skip_special_tokens=True)  # whatever was held back
+    if len(final) > len(emitted):
+        yield final[len(emitted):]

@@ -1,0 +1,72 @@
+"""The `mm` command line. Each subcommand is a plain function of its parsed arguments.
+
+User mistakes (InputError and its kinds) end with one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _quiet() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    import mm
+    from vision.transforms import load_image
+
+    for path in args.image:  # check files before spending time loading the model
+        load_image(path)
+    model = mm.load(args.model, force=args.force)
+    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                  seed=args.seed)
+    if args.stream:
+        for piece in model.stream(args.question, args.image, **kwargs):
+            print(piece, end="", flush=True)
+        print()
+    else:
+        print(model.generate(args.question, args.image, **kwargs))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mm", description="Multimodal adapters on a frozen Llama decoder.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ask = sub.add_parser("ask", help="answer a question about images")
+    ask.add_argument("question")
+    ask.add_argument("--model", default="smollm2", help="model name, checkpoint directory or config (default: smollm2)")
+    ask.add_argument("--image", action="append", default=[], metavar="PATH", help="an image; repeat for several")
+    ask.add_argument("--max-new-tokens", type=int, default=128)
+    ask.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ask.add_argument("--top-p", type=float, default=1.0)
+    ask.add_argument("--seed", type=int, default=None)
+    ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    ask.add_argument("--force", action="store_true", help="load a checkpoint trained on another decoder")
+    ask.set_defaults(func=cmd_ask)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mm.errors import InputError
+
+    args = build_parser().parse_args(argv)
+    _quiet()
+    try:
+        return args.func(args)
+    except InputError as e:
+        print(f"mm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
