@@ -32,7 +32,18 @@ def cmd_ask(args: argparse.Namespace) -> int:
         print()
     else:
         print(model.generate(args.question, args.image, **kwargs))
+    if args.compare_bare:
+        bare = _bare_reply(model, args.question, args.max_new_tokens)
+        print(f"bare decoder, text only: {bare}")
     return 0
+
+
+def _bare_reply(model, question: str, max_new_tokens: int) -> str:
+    """The frozen decoder's own greedy reply to the text, without any adapter or media."""
+    batch = model.prepare([model.user_messages(question, [])], max_new_tokens)
+    out = model.decoder.generate(batch.ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
+                                 do_sample=False)
+    return model.tokenizer.decode(out[0, batch.ids.shape[1]:], skip_special_tokens=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--top-p", type=float, default=1.0)
     ask.add_argument("--seed", type=int, default=None)
     ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    ask.add_argument("--compare-bare", action="store_true",
+                     help="also print the bare decoder's greedy reply to the text alone")
     ask.add_argument("--force", action="store_true", help="load a checkpoint trained on another decoder")
     ask.set_defaults(func=cmd_ask)
     return parser
