@@ -82,18 +82,38 @@ def read_checkpoint_meta(path: str | Path) -> dict:
     return meta
 
 
-def load_checkpoint(path: str | Path, *, force: bool = False) -> MultimodalModel:
+def checkpoint_chain(path: Path) -> list[tuple[Path, dict]]:
+    """The checkpoint and the ones it was initialised from (`init`), oldest first."""
+    chain, seen = [], set()
+    while path is not None:
+        if path.resolve() in seen:
+            raise CheckpointError(path, "checkpoints initialise each other in a loop")
+        seen.add(path.resolve())
+        meta = read_checkpoint_meta(path)
+        chain.append((path, meta))
+        path = Path(meta["init"]) if meta.get("init") else None
+    return chain[::-1]
+
+
+def load_checkpoint(path: str | Path, *, force: bool = False, swap_decoder: str | None = None) -> MultimodalModel:
+    """Build the newest checkpoint's model and apply the tensors of every checkpoint of its
+    chain, oldest first. `swap_decoder` builds on another decoder of the same architecture
+    (the base -> instruct hot-swap of a fine-tuning stage) instead of the recorded one."""
     path = Path(path)
-    meta = read_checkpoint_meta(path)
-    config = from_dict(ModelConfig, meta.get("model") or {}, str(path / CONFIG_FILE))
+    chain = checkpoint_chain(path)
+    newest = chain[-1][1]
+    config = from_dict(ModelConfig, newest.get("model") or {}, str(path / CONFIG_FILE))
     config.validate(str(path / CONFIG_FILE))
-    tensors = load_tensors(path / WEIGHTS_FILE)  # read (and validated) before the model is built
+    if swap_decoder:
+        config.decoder = swap_decoder
+    tensors = [(p, load_tensors(p / WEIGHTS_FILE)) for p, _ in chain]  # all read before building
     model = build(config)
-    expected = meta.get("decoder", {}).get("sha256")
-    if expected != model.decoder_sha256() and not force:
-        raise CheckpointError(path, f"trained on another decoder (sha256 {str(expected)[:12]}..., "
+    expected = (newest.get("decoder") or {}).get("sha256")
+    if expected and expected != model.decoder_sha256() and not (force or swap_decoder):
+        raise CheckpointError(path, f"trained on another decoder (sha256 {expected[:12]}..., "
                                     f"loaded {model.decoder_sha256()[:12]}...); pass force=True / --force to load anyway")
-    load_adapter_tensors(model, tensors, path)
+    for source, t in tensors:
+        load_adapter_tensors(model, t, source)
     return model
 
 
@@ -103,7 +123,11 @@ def load_adapter_tensors(model: MultimodalModel, tensors: dict, source) -> None:
     unknown = sorted(set(tensors) - set(own))
     if unknown:
         raise CheckpointError(source, f"unexpected tensor '{unknown[0]}' ({len(unknown)} in all) for this model")
+    tensors = dict(tensors)
     for name, t in tensors.items():
+        if t.shape != own[name].shape and name.startswith("encoders.image."):
+            # a stage at another resolution: resample positional embeddings to the new grid
+            tensors[name] = t = model.encoders["image"].resize_tensor(name[len("encoders.image."):], t)
         if t.shape != own[name].shape:
             raise CheckpointError(source, f"tensor '{name}' has shape {list(t.shape)}, model has {list(own[name].shape)}")
     model.load_state_dict(tensors, strict=False)

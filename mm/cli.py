@@ -5,6 +5,7 @@ User mistakes (InputError and its kinds) end with one line on stderr and exit co
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -46,6 +47,42 @@ def _bare_reply(model, question: str, max_new_tokens: int) -> str:
     return model.tokenizer.decode(out[0, batch.ids.shape[1]:], skip_special_tokens=True)
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from mm.stages import load_stage_config
+    from mm.train import train
+
+    final = train(load_stage_config(args.config, args.overrides))
+    print(f"final checkpoint: {final}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from mm.data import read_manifest, write_shards
+
+    report = write_shards(read_manifest(args.source), args.out, args.kind, per_shard=args.per_shard,
+                          log=lambda m: print(m, file=sys.stderr))
+    print(f"wrote {report.written} samples in {report.shards} shards to {args.out}; skipped {report.skipped}")
+    return 0
+
+
+def cmd_average(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mm.train import average_checkpoints
+
+    average_checkpoints([Path(p) for p in args.checkpoints], Path(args.out))
+    print(f"averaged {len(args.checkpoints)} checkpoints into {args.out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from mm.evaluate import evaluate, load_eval_config
+
+    result = evaluate(load_eval_config(args.config, args.overrides))
+    print(json.dumps(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mm", description="Multimodal adapters on a frozen Llama decoder.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,6 +100,28 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also print the bare decoder's greedy reply to the text alone")
     ask.add_argument("--force", action="store_true", help="load a checkpoint trained on another decoder")
     ask.set_defaults(func=cmd_ask)
+
+    tr = sub.add_parser("train", help="run (or resume) a training stage; torchrun -m mm.train for N processes")
+    tr.add_argument("config")
+    tr.add_argument("overrides", nargs="*", metavar="key=value")
+    tr.set_defaults(func=cmd_train)
+
+    data = sub.add_parser("data", help="build webdataset shards from a folder or a manifest")
+    data.add_argument("kind", choices=["captions", "qa"], help="captions: image+caption; qa: image+question+answer")
+    data.add_argument("source", help="folder of images (+ same-name .txt captions), or a .jsonl/.csv manifest")
+    data.add_argument("out", help="output folder for the .tar shards")
+    data.add_argument("--per-shard", type=int, default=1000)
+    data.set_defaults(func=cmd_data)
+
+    avg = sub.add_parser("average", help="average the weights of checkpoints of one stage")
+    avg.add_argument("out")
+    avg.add_argument("checkpoints", nargs="+")
+    avg.set_defaults(func=cmd_average)
+
+    ev = sub.add_parser("eval", help="answer accuracy on image-QA shards")
+    ev.add_argument("config")
+    ev.add_argument("overrides", nargs="*", metavar="key=value")
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 

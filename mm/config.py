@@ -46,6 +46,9 @@ class ModelConfig:
             raise ConfigError(source, "; ".join(problems))
 
 
+REGISTRIES[ModelConfig] = "models"
+
+
 def named_config_path(registry: str, name: str) -> Path:
     return CONFIG_DIR / registry / f"{name}.yaml"
 

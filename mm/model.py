@@ -127,14 +127,23 @@ class MultimodalModel(nn.Module):
     def forward(self, ids: Tensor, attention_mask: Tensor | None = None, images: TiledImages | None = None,
                 image_rows: Tensor | None = None, labels: Tensor | None = None, **decoder_kwargs):
         """Teacher-forced pass. ids [b, L] -> CausalLMOutputWithPast (loss when labels are given)."""
+        return self._run(self.decoder, ids, attention_mask, images, image_rows, labels=labels, **decoder_kwargs)
+
+    def hidden_states(self, ids: Tensor, attention_mask: Tensor | None = None, images: TiledImages | None = None,
+                      image_rows: Tensor | None = None) -> Tensor:
+        """The decoder's final hidden states [b, L, d] (before the LM head; training takes the
+        logits of the labelled positions only)."""
+        return self._run(self.decoder.model, ids, attention_mask, images, image_rows).last_hidden_state
+
+    def _run(self, module: nn.Module, ids, attention_mask, images, image_rows, **kwargs):
         if attention_mask is None:
             attention_mask = torch.ones_like(ids)
         context = self.image_context(ids, images, image_rows)
         if context is not None:
             context.set_queries(torch.arange(ids.shape[1], device=ids.device))
         with self.fusion.media(image=context):
-            return self.decoder(inputs_embeds=self.embed(ids), attention_mask=attention_mask,
-                                position_ids=_positions(attention_mask), labels=labels, **decoder_kwargs)
+            return module(inputs_embeds=self.embed(ids), attention_mask=attention_mask,
+                          position_ids=_positions(attention_mask), **kwargs)
 
     # ---- prompts -------------------------------------------------------------------------
     def render(self, messages: list[dict]) -> tuple[str, list]:

@@ -214,6 +214,21 @@ class ImageEncoder(nn.Module):
             x = layer(x, mask)
         return torch.cat([x, *taps], dim=-1)
 
+    def resize_tensor(self, name: str, tensor: Tensor) -> Tensor:
+        """Resample a positional tensor trained at another tile resolution to this encoder's
+        patch grid (bicubic over the patch grid; the class token's row is kept). Other tensors
+        are returned unchanged."""
+        c = self.config
+        if name == "positional_embedding":
+            return _resample_positions(tensor, c.tokens_per_tile - 1)
+        if name == "tile_positional_embedding.tile_embedding.weight":
+            rows = tensor.shape[0]
+            old_tokens = tensor.shape[1] // (c.max_tiles * c.width)
+            per_tile = tensor.view(rows * c.max_tiles, old_tokens, c.width)
+            resized = torch.stack([_resample_positions(t, c.tokens_per_tile - 1) for t in per_tile])
+            return resized.reshape(rows, -1)
+        return tensor
+
     @staticmethod
     def _tile_mask(n_tiles: Tensor, max_tiles: int, tokens: int) -> Tensor:
         """[n, 1, 1, T*tokens] bool: keys in used tiles (True) may be attended to."""
@@ -223,3 +238,14 @@ class ImageEncoder(nn.Module):
     def token_mask(self, n_tiles: Tensor, max_tiles: int) -> Tensor:
         """[n, T*tokens] bool: which output tokens come from used tiles."""
         return self._tile_mask(n_tiles, max_tiles, self.config.tokens_per_tile)[:, 0, 0]
+
+
+def _resample_positions(pos: Tensor, patches: int) -> Tensor:
+    """[1 + g*g, w] -> [1 + patches, w]: class row kept, the g x g grid resized bicubically."""
+    old = round(math.sqrt(pos.shape[0] - 1))
+    new = round(math.sqrt(patches))
+    if old == new:
+        return pos
+    grid = pos[1:].reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
+    return torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(new * new, -1).to(pos.dtype)])

@@ -1,6 +1,7 @@
 """Image loading (with the checks a user's file deserves) and tiling preprocessing."""
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,17 +38,28 @@ def load_image(source) -> Image.Image:
         raise InputError(path, "is a directory, not an image file")
     if path.stat().st_size == 0:
         raise InputError(path, "empty file")
+    return _open(path, path)
+
+
+def image_from_bytes(data: bytes, name: str) -> Image.Image:
+    """Encoded image bytes (e.g. from a shard) -> RGB PIL image, with the checks of load_image."""
+    if not data:
+        raise InputError(name, "empty image data")
+    return _open(io.BytesIO(data), name)
+
+
+def _open(file, name) -> Image.Image:
     try:
-        with Image.open(path) as img:
-            _checked(img, path)
+        with Image.open(file) as img:
+            _checked(img, name)
             img.load()
             return img.convert("RGB")
     except UnidentifiedImageError:
-        raise InputError(path, "not an image (unrecognised format)") from None
+        raise InputError(name, "not an image (unrecognised format)") from None
     except Image.DecompressionBombError as e:
-        raise InputError(path, f"image too large: {e}") from None
+        raise InputError(name, f"image too large: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise InputError(path, f"corrupt or truncated image ({e})") from None
+        raise InputError(name, f"corrupt or truncated image ({e})") from None
 
 
 def _checked(img: Image.Image, name) -> Image.Image:

@@ -1,0 +1,222 @@
+"""Training data: webdataset shards, written from folders/manifests and read back as batches.
+
+A sample in a shard is `<key>.<image ext>` (the original image bytes, checked when written)
+plus `<key>.json`: {"caption": ...} for image-text pairs, {"question": ..., "answer": ...}
+for image QA.
+
+Reading is one readable list of steps (webdataset stages):
+
+    shard list (shuffled per epoch) -> tar to samples -> shuffle buffer -> global batches
+    -> this process's slice of each batch -> decode + preprocess -> collate
+
+The sample order depends only on (seed, epoch), never on the number of processes or data
+workers: every process reads the same stream and keeps its own slice of each global batch,
+and data workers take whole batches in turn. So a run on N processes sees exactly the batches
+of a run on 1, and a resumed run skips the batches already trained on (reading but not
+decoding them) and sees the rest in the same order. Corrupt samples and unreadable shard
+members are skipped and counted; the counts travel with the batches to the training log.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import random
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import webdataset as wds
+from braceexpand import braceexpand
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mm.errors import InputError
+from vision.transforms import image_from_bytes, load_image
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+# ---- writing ---------------------------------------------------------------------------------
+@dataclass
+class WriteReport:
+    written: int = 0
+    skipped: int = 0
+    shards: int = 0
+
+
+def read_manifest(path: str | Path) -> Iterator[dict]:
+    """Rows of a .jsonl or .csv manifest, or (for a folder) each image with its caption from the
+    same-named .txt file. Image paths in manifests are relative to the manifest's folder."""
+    path = Path(path)
+    if path.is_dir():
+        for image in sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
+            caption = image.with_suffix(".txt")
+            yield {"image": str(image), "caption": caption.read_text().strip() if caption.is_file() else None}
+        return
+    if not path.is_file():
+        raise InputError(path, "no such manifest file or folder")
+    if path.suffix == ".jsonl":
+        rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    elif path.suffix == ".csv":
+        rows = csv.DictReader(io.StringIO(path.read_text()))
+    else:
+        raise InputError(path, "unsupported manifest (expected a folder, .jsonl or .csv)")
+    for row in rows:
+        row = dict(row)
+        if "image" in row and not Path(row["image"]).is_absolute():
+            row["image"] = str(path.parent / row["image"])
+        yield row
+
+
+def write_shards(rows: Iterable[dict], out_dir: str | Path, kind: str, prefix: str | None = None,
+                 per_shard: int = 1000, log: Callable[[str], None] = print) -> WriteReport:
+    """Check each row's image and fields, and write the good ones into tar shards.
+
+    kind: "captions" (needs image, caption) or "qa" (needs image, question, answer).
+    """
+    fields = {"captions": ("caption",), "qa": ("question", "answer")}[kind]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pattern = str(out_dir / f"{prefix or kind}-%06d.tar")
+    report = WriteReport()
+    with wds.ShardWriter(pattern, maxcount=per_shard, verbose=0) as sink:
+        for i, row in enumerate(rows):
+            missing = [f for f in ("image", *fields) if not row.get(f)]
+            try:
+                if missing:
+                    raise InputError(row.get("image", f"row {i}"), f"missing {', '.join(missing)}")
+                load_image(row["image"])  # refuses missing, corrupt, truncated, oversized files
+            except InputError as e:
+                report.skipped += 1
+                log(f"skipped: {e}")
+                continue
+            ext = Path(row["image"]).suffix.lower().lstrip(".") or "png"
+            sink.write({"__key__": f"{i:09d}", ext: Path(row["image"]).read_bytes(),
+                        "json": json.dumps({f: row[f] for f in fields}).encode()})
+            report.written += 1
+        report.shards = sink.shard
+    return report
+
+
+def expand_shards(specs: Iterable[str]) -> list[str]:
+    """Paths, globs-free brace patterns ("data/x-{000000..000009}.tar") or folders of .tar files."""
+    urls = []
+    for spec in specs:
+        p = Path(spec)
+        if p.is_dir():
+            urls += sorted(str(x) for x in p.glob("*.tar"))
+        else:
+            urls += list(braceexpand(spec))
+    missing = [u for u in urls if not Path(u).is_file()]
+    if missing:
+        raise InputError(missing[0], "no such shard file")
+    if not urls:
+        raise InputError(", ".join(specs) or "data.shards", "no shards found")
+    return urls
+
+
+# ---- reading ---------------------------------------------------------------------------------
+class SkipCounter:
+    """A webdataset error handler that counts what it skipped instead of raising."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, exn: Exception) -> bool:
+        self.count += 1
+        return True
+
+    def take(self) -> int:
+        n, self.count = self.count, 0
+        return n
+
+
+def raw_samples(urls: list[str], seed: int, shuffle_buffer: int, skipped: SkipCounter) -> Iterator[dict]:
+    """An endless stream of raw samples: epoch e reads the shards in an order and through a
+    shuffle buffer both seeded by (seed, e)."""
+    for epoch in itertools.count():
+        rng = random.Random(seed * 1_000_003 + epoch)
+        order = list(urls)
+        rng.shuffle(order)
+        stream = wds.tarfile_samples([{"url": u} for u in order], handler=skipped)
+        if shuffle_buffer > 1:
+            stream = wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=rng)(stream)
+        yield from stream
+
+
+def image_bytes(sample: dict) -> tuple[str, bytes]:
+    for key, value in sample.items():
+        if "." + key.lower() in IMAGE_EXTENSIONS:
+            return key, value
+    raise InputError(sample.get("__key__", "sample"), "no image in sample")
+
+
+def decode_image(sample: dict) -> Image.Image:
+    ext, data = image_bytes(sample)
+    return image_from_bytes(data, f"{sample.get('__url__', 'shard')}:{sample.get('__key__', '?')}.{ext}")
+
+
+def sample_json(sample: dict) -> dict:
+    try:
+        return json.loads(sample["json"])
+    except (KeyError, ValueError, UnicodeDecodeError) as e:
+        raise InputError(sample.get("__key__", "sample"), f"bad json field ({e})") from None
+
+
+class ShardBatches(IterableDataset):
+    """Batches of decoded examples for one process, in the global order; see the module docstring.
+
+    decode(raw_sample) -> example (raises on a corrupt sample); collate(examples) -> batch dict.
+    Each yielded batch also carries "skipped" (corrupt samples since the last batch) and
+    "batch_index" (global).
+    """
+
+    def __init__(self, urls: list[str], *, batch_size: int, decode: Callable, collate: Callable,
+                 seed: int = 0, shuffle_buffer: int = 1000, rank: int = 0, world_size: int = 1,
+                 start_batch: int = 0) -> None:
+        if batch_size % world_size:
+            raise InputError("data.batch_size", f"{batch_size} is not divisible by {world_size} processes")
+        self.urls, self.batch_size, self.decode, self.collate = urls, batch_size, decode, collate
+        self.seed, self.shuffle_buffer = seed, shuffle_buffer
+        self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        skipped = SkipCounter()
+        stream = raw_samples(self.urls, self.seed, self.shuffle_buffer, skipped)
+        per_rank = self.batch_size // self.world_size
+        for index in itertools.count():
+            raw = list(itertools.islice(stream, self.batch_size))
+            unreadable = skipped.take()  # shard members that failed while reading this batch
+            if index < self.start_batch or index % workers != worker:
+                continue
+            mine = raw[self.rank * per_rank:(self.rank + 1) * per_rank]
+            examples, corrupt = [], unreadable if self.rank == 0 else 0
+            for sample in mine:
+                try:
+                    examples.append(self.decode(sample))
+                except (InputError, KeyError, TypeError, ValueError):
+                    corrupt += 1
+            batch = self.collate(examples) if examples else {"examples": 0}
+            batch["skipped"] = corrupt
+            batch["batch_index"] = index
+            yield batch
+
+
+def batch_loader(dataset: ShardBatches, workers: int) -> DataLoader:
+    """Each worker yields whole batches in turn, so the order is the same for any worker count."""
+    return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
+                      prefetch_factor=2 if workers else None)
+
+
+def first_shard_samples(urls: list[str]) -> Iterator[dict]:
+    """Raw samples of the shards in order, no shuffling (for evaluation)."""
+    yield from wds.tarfile_samples([{"url": u} for u in urls], handler=SkipCounter())
+
+
+def to_tensor_dict(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}

@@ -1,0 +1,60 @@
+"""Free-text answer accuracy of a model on image-QA shards.
+
+    mm eval configs/eval/digits.yaml [key=value ...]
+
+An answer counts as correct when the expected answer appears in the generated reply as a whole
+word (case and punctuation ignored): "It is a 7." answers "7".
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mm
+from mm.config import apply_overrides, from_dict, read_yaml
+from mm.data import decode_image, expand_shards, first_shard_samples, sample_json
+
+
+@dataclass
+class EvalConfig:
+    model: str
+    shards: list[str] = field(default_factory=list)
+    max_new_tokens: int = 16
+    batch_size: int = 16
+    limit: int = 0  # 0 = every sample
+    output: str | None = None  # write per-sample results here (jsonl)
+
+
+def load_eval_config(path, overrides=()) -> EvalConfig:
+    return from_dict(EvalConfig, apply_overrides(read_yaml(path), list(overrides), str(path)), str(path))
+
+
+def normalise(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def is_correct(reply: str, expected: str) -> bool:
+    return f" {normalise(expected)} " in f" {normalise(reply)} "
+
+
+def evaluate(cfg: EvalConfig, model=None) -> dict:
+    model = model or mm.load(cfg.model)
+    samples = list(first_shard_samples(expand_shards(cfg.shards)))
+    if cfg.limit:
+        samples = samples[: cfg.limit]
+    results, start = [], time.time()
+    for i in range(0, len(samples), cfg.batch_size):
+        chunk = samples[i:i + cfg.batch_size]
+        fields = [sample_json(s) for s in chunk]
+        replies = model.generate([f["question"] for f in fields], images=[[decode_image(s)] for s in chunk],
+                                 max_new_tokens=cfg.max_new_tokens)
+        for f, reply in zip(fields, replies):
+            results.append({**f, "reply": reply, "correct": is_correct(reply, str(f["answer"]))})
+    if cfg.output:
+        Path(cfg.output).write_text("".join(json.dumps(r) + "\n" for r in results))
+    correct = sum(r["correct"] for r in results)
+    return {"samples": len(results), "correct": correct, "accuracy": correct / max(1, len(results)),
+            "seconds": time.time() - start}

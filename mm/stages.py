@@ -1,0 +1,254 @@
+"""What a training stage is: a typed config, and the task it turns into.
+
+A stage is data: which modules train, which loss, which data, which schedule. A Task builds the
+trained module(s) for a stage, turns raw shard samples into examples (in data workers), collates
+them, and computes the loss. Two kinds serve the image stages:
+
+    LMTask    image_pretrain / image_anneal / image_sft: next-token loss on caption or answer
+              tokens of the frozen decoder, through the adapters
+    ClipTask  vision_clip: open_clip's CLIP model and its contrastive loss
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import open_clip
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mm.config import ModelConfig, apply_overrides, from_dict, read_yaml
+from mm.data import decode_image, sample_json
+from mm.errors import ConfigError, InputError
+from vision import ImageProcessor, VisionConfig
+from vision.tiling import aspect_ratio_id
+from vision.transforms import TiledImages
+
+STAGES = ("vision_clip", "image_pretrain", "image_anneal", "image_sft")
+IGNORE = -100
+
+
+@dataclass
+class DataConfig:
+    shards: list[str] = field(default_factory=list)  # .tar files, brace patterns or folders
+    kind: str = "captions"  # captions | qa
+    batch_size: int = 32  # global: split across processes
+    workers: int = 2
+    shuffle_buffer: int = 1000
+    seed: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup_steps: int = 100
+    steps: int = 1000
+    grad_clip: float = 1.0
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * this
+
+
+@dataclass
+class ClipConfig:
+    """The text tower and joint embedding of vision_clip (the image tower is the model's vision)."""
+
+    embed_dim: int = 256
+    text_width: int = 256
+    text_layers: int = 4
+    text_heads: int = 4
+    context_length: int = 32
+
+
+@dataclass
+class StageConfig:
+    stage: str
+    model: ModelConfig
+    data: DataConfig
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: list[str] = field(default_factory=list)  # parameter-name prefixes that train
+    loss: str = "lm"  # lm | clip
+    init: str | None = None  # checkpoint of the previous stage to start from
+    decoder: str | None = None  # swap in another decoder of the same architecture (base -> instruct)
+    output: str = "runs/stage"
+    save_every: int = 100
+    keep: int = 5  # step checkpoints kept besides final/ (for averaging)
+    log_every: int = 10
+    max_text_tokens: int = 256
+    clip: ClipConfig = field(default_factory=ClipConfig)
+
+    def validate(self, source: str) -> None:
+        problems = []
+        if self.stage not in STAGES:
+            problems.append(f"stage '{self.stage}' is not one of {', '.join(STAGES)}")
+        if self.loss not in ("lm", "clip"):
+            problems.append(f"loss '{self.loss}' is not lm or clip")
+        if self.data.kind not in ("captions", "qa"):
+            problems.append(f"data.kind '{self.data.kind}' is not captions or qa")
+        if self.loss == "clip" and self.data.kind != "captions":
+            problems.append("the clip loss needs data.kind: captions")
+        if any(p == "decoder" or p.startswith("decoder.") for p in self.train):
+            problems.append("the decoder is frozen: 'decoder' cannot be in train")
+        if not self.data.shards:
+            problems.append("data.shards is empty")
+        if self.optim.steps < 1 or self.data.batch_size < 1:
+            problems.append("optim.steps and data.batch_size must be >= 1")
+        if problems:
+            raise ConfigError(source, "; ".join(problems))
+
+
+def load_stage_config(path, overrides: list[str] = ()) -> StageConfig:
+    data = apply_overrides(read_yaml(path), list(overrides), str(path))
+    config = from_dict(StageConfig, data, str(path))
+    config.validate(str(path))
+    config.model.validate(str(path))
+    return config
+
+
+def select_trainable(model: nn.Module, prefixes: list[str]) -> dict[str, nn.Parameter]:
+    """The one place that decides what trains: parameters under `prefixes`, nothing else."""
+    chosen = {}
+    for name, param in model.named_parameters():
+        trains = any(name == p or name.startswith(p + ".") for p in prefixes) and not name.startswith("decoder.")
+        param.requires_grad_(trains)
+        if trains:
+            chosen[name] = param
+    unmatched = [p for p in prefixes if not any(n == p or n.startswith(p + ".") for n in chosen)]
+    if unmatched:
+        raise ConfigError("train", f"'{unmatched[0]}' matches no trainable parameter of the model")
+    return chosen
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sum(x: Tensor) -> Tensor:
+    if world()[1] > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+# ---- next-token loss through the adapters -------------------------------------------------------
+class LMObjective(nn.Module):
+    """Mean next-token cross-entropy over the labelled tokens of the whole global batch.
+
+    Returns (loss to backpropagate, loss to log). Logits are computed only where a label is,
+    so the 49k-way LM head costs a few tokens per sample, not the whole sequence. The loss is
+    scaled so that gradients averaged over processes equal the single-process gradient.
+    """
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, attention_mask, labels, tiles, aspect_ratio_ids, n_tiles, image_rows, **_) -> tuple:
+        images = TiledImages(tiles, aspect_ratio_ids, n_tiles)
+        hidden = self.model.hidden_states(ids, attention_mask, images, image_rows)
+        target = labels[:, 1:]
+        keep = target != IGNORE
+        logits = self.model.decoder.lm_head(hidden[:, :-1][keep])
+        loss_sum = F.cross_entropy(logits.float(), target[keep], reduction="sum")
+        count = all_reduce_sum(keep.sum().to(loss_sum))
+        logged = all_reduce_sum(loss_sum.detach()) / count
+        return loss_sum * world()[1] / count, logged
+
+
+class LMExamples:
+    """Raw shard sample -> example: image tiles, token ids and labels (runs in data workers)."""
+
+    def __init__(self, model, kind: str, max_tokens: int) -> None:
+        self.tokenizer, self.kind, self.max_tokens = model.tokenizer, kind, max_tokens
+        self.image_id = model.media_token_ids["image"]
+        self.eos_id = model.tokenizer.eos_token_id
+        self.processor = model.image_processor
+        self.render, self.user_messages = model.render, model.user_messages
+
+    def __call__(self, sample: dict) -> dict:
+        tiles, grid_id, n_tiles = self._image(decode_image(sample))
+        fields = sample_json(sample)
+        if self.kind == "captions":
+            prompt = [self.image_id]
+            target = fields["caption"]
+        else:
+            text, _ = self.render(self.user_messages(fields["question"], [None]))
+            prompt = self.tokenizer(text, add_special_tokens=False).input_ids
+            target = fields["answer"]
+        answer = self.tokenizer(str(target), add_special_tokens=False).input_ids + [self.eos_id]
+        ids = (prompt + answer)[: self.max_tokens]
+        labels = ([IGNORE] * len(prompt) + answer)[: self.max_tokens]
+        if self.image_id not in ids:
+            raise InputError(sample.get("__key__", "sample"), "prompt longer than max_text_tokens")
+        return {"ids": ids, "labels": labels, "tiles": tiles, "aspect_ratio_id": grid_id, "n_tiles": n_tiles}
+
+    def _image(self, image):
+        tiles, grid = self.processor.tile(image)
+        return tiles, aspect_ratio_id(grid, self.processor.max_tiles), grid[0] * grid[1]
+
+
+def collate_lm(examples: list[dict], pad_id: int) -> dict:
+    """Right-padded ids/labels/mask and stacked tiles; one image per example."""
+    width = max(len(e["ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(e["ids"]), torch.tensor(e["labels"]), 1
+    return {
+        "ids": ids, "labels": labels, "attention_mask": mask,
+        "tiles": torch.stack([e["tiles"] for e in examples]),
+        "aspect_ratio_ids": torch.tensor([e["aspect_ratio_id"] for e in examples]),
+        "n_tiles": torch.tensor([e["n_tiles"] for e in examples]),
+        "image_rows": torch.arange(len(examples)),
+        "examples": len(examples),
+    }
+
+
+# ---- CLIP -------------------------------------------------------------------------------------
+def clip_model(vision: VisionConfig, clip: ClipConfig) -> open_clip.CLIP:
+    """An open_clip CLIP whose image tower has the sizes (and parameter names) of our ViT trunk."""
+    vision_cfg = dict(layers=vision.layers, width=vision.width, head_width=vision.width // vision.heads,
+                      mlp_ratio=vision.mlp_dim / vision.width, patch_size=vision.patch_size,
+                      image_size=vision.image_size)
+    text_cfg = dict(context_length=clip.context_length, vocab_size=49408, width=clip.text_width,
+                    heads=clip.text_heads, layers=clip.text_layers)
+    return open_clip.CLIP(embed_dim=clip.embed_dim, vision_cfg=vision_cfg, text_cfg=text_cfg)
+
+
+def image_tower_tensors(clip: open_clip.CLIP) -> dict[str, Tensor]:
+    """The CLIP image tower as image-encoder tensors of the composite model (names match:
+    our trunk uses open_clip's names; only the pooled projection `proj` has no counterpart)."""
+    return {f"encoders.image.{k}": v for k, v in clip.visual.state_dict().items() if k != "proj"}
+
+
+class ClipObjective(nn.Module):
+    def __init__(self, clip: open_clip.CLIP) -> None:
+        super().__init__()
+        self.clip = clip
+        rank, size = world()
+        self.loss = open_clip.ClipLoss(gather_with_grad=True, rank=rank, world_size=size)
+
+    def forward(self, images: Tensor, texts: Tensor, **_) -> tuple:
+        image_features, text_features, logit_scale = self.clip(images, texts)
+        loss = self.loss(image_features, text_features, logit_scale)
+        return loss, loss.detach()
+
+
+class ClipExamples:
+    def __init__(self, vision: VisionConfig, clip: ClipConfig) -> None:
+        self.processor = ImageProcessor(vision.image_size, 1, vision.mean, vision.std)
+        self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=clip.context_length)
+
+    def __call__(self, sample: dict) -> dict:
+        tiles, _ = self.processor.tile(decode_image(sample))
+        return {"image": tiles[0], "text": self.tokenizer([sample_json(sample)["caption"]])[0]}
+
+
+def collate_clip(examples: list[dict]) -> dict:
+    return {"images": torch.stack([e["image"] for e in examples]),
+            "texts": torch.stack([e["text"] for e in examples]), "examples": len(examples)}

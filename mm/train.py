@@ -1,0 +1,298 @@
+"""One training loop for every stage.
+
+    mm train configs/stages/image_pretrain.yaml key=value ...
+    torchrun --nproc_per_node N -m mm.train configs/stages/image_pretrain.yaml key=value ...
+
+The run directory (`output:`) gets metrics.jsonl (and TensorBoard events when tensorboard is
+installed), step checkpoints under checkpoints/step_NNNNNN/ and the last one as final/. A run
+started again with the same output resumes from its newest checkpoint: trained tensors,
+optimizer, schedule, RNG and data position, so the loss curve continues as if never stopped.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from safetensors.torch import save_file
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from mm.api import CONFIG_FILE, FORMAT, WEIGHTS_FILE, build, load_checkpoint, load_adapter_tensors
+from mm.checkpoint import load_tensors, write_dir_atomically
+from mm.data import ShardBatches, batch_loader, expand_shards, to_tensor_dict
+from mm.errors import CheckpointError
+from mm.stages import (ClipExamples, ClipObjective, LMExamples, LMObjective, StageConfig, all_reduce_sum,
+                       clip_model, collate_clip, collate_lm, image_tower_tensors, load_stage_config,
+                       select_trainable, world)
+
+STATE_FILE = "trainer.safetensors"
+
+
+@dataclass
+class Progress:
+    step: int = 0  # optimizer steps done
+    batches: int = 0  # global batches consumed (data position)
+    skipped: int = 0  # corrupt samples skipped so far
+
+
+class Task:
+    """A stage made concrete: the module to run, what trains, how data becomes batches."""
+
+    def __init__(self, cfg: StageConfig) -> None:
+        self.cfg = cfg
+        if cfg.decoder:
+            cfg.model.decoder = cfg.decoder  # hot-swap: same architecture, other weights
+        if cfg.loss == "clip":
+            self.model = None
+            self.clip = clip_model(cfg.model.vision, cfg.clip)
+            self.objective = ClipObjective(self.clip)
+            self.trainable = dict(self.clip.named_parameters())
+            self.decode, self.collate = ClipExamples(cfg.model.vision, cfg.clip), collate_clip
+        else:
+            self.model = load_checkpoint(cfg.init, swap_decoder=cfg.decoder) if cfg.init else build(cfg.model)
+            self.model.config.vision = cfg.model.vision  # stage may raise the resolution (anneal)
+            self.objective = LMObjective(self.model)
+            self.trainable = select_trainable(self.model, cfg.train)
+            pad = self.model.tokenizer.pad_token_id or 0
+            self.decode = LMExamples(self.model, cfg.data.kind, cfg.max_text_tokens)
+            self.collate = lambda examples: collate_lm(examples, pad)
+
+    def trained_tensors(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint stores: only what this stage trains (as composite-model names)."""
+        if self.model is None:
+            return image_tower_tensors(self.clip)
+        return {k: v.detach() for k, v in self.trainable.items()}
+
+    def decoder_identity(self) -> dict | None:
+        if self.model is None:
+            return None
+        return {"source": self.model.config.decoder, "sha256": self.model.decoder_sha256()}
+
+    def frozen_names(self) -> list[str]:
+        """Parameters and buffers DDP should neither broadcast nor synchronise (the decoder)."""
+        if self.model is None:
+            return []
+        names = [f"model.{n}" for n, _ in self.model.decoder.named_parameters(prefix="decoder")]
+        return names + [f"model.{n}" for n, _ in self.model.decoder.named_buffers(prefix="decoder")]
+
+
+def learning_rate(step: int, cfg) -> float:
+    """Linear warm-up to lr, then cosine decay to lr * min_lr_ratio at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def param_order(params: dict[str, torch.nn.Parameter]) -> list[str]:
+    """Names in the optimizer's order: weight-decayed matrices first, then 1-d parameters
+    (gates, norms, biases), which get no weight decay."""
+    return [n for n, p in params.items() if p.dim() >= 2] + [n for n, p in params.items() if p.dim() < 2]
+
+
+def make_optimizer(params: dict[str, torch.nn.Parameter], cfg) -> torch.optim.AdamW:
+    decay = [p for p in params.values() if p.dim() >= 2]
+    no_decay = [p for p in params.values() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+# ---- checkpoints of a run -------------------------------------------------------------------------
+def optimizer_tensors(optimizer: torch.optim.Optimizer, order: list[str]) -> dict[str, torch.Tensor]:
+    """AdamW state as flat named tensors (safetensors holds no nested dicts, and no pickle)."""
+    return {f"optim.{order[i]}.{k}": v for i, s in optimizer.state_dict()["state"].items() for k, v in s.items()}
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, order: list[str], tensors: dict) -> None:
+    state = {}
+    for i, name in enumerate(order):
+        entries = {k[len(f"optim.{name}."):]: v for k, v in tensors.items() if k.startswith(f"optim.{name}.")}
+        if entries:
+            state[i] = entries
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    steps = sorted((out / "checkpoints").glob("step_*"))
+    return steps[-1] if steps else None
+
+
+def save_run_checkpoint(task: Task, optimizer, progress: Progress, out: Path) -> Path:
+    cfg = task.cfg
+    state = optimizer_tensors(optimizer, param_order(task.trainable))
+    state["rng.torch"] = torch.get_rng_state()
+    if task.model is None:
+        state.update({f"clip.{k}": v for k, v in task.clip.state_dict().items()})
+    meta = {
+        "format": FORMAT,
+        "model": asdict(cfg.model),
+        "decoder": task.decoder_identity(),
+        "stage": cfg.stage,
+        "init": str(Path(cfg.init).resolve()) if cfg.init else None,
+        "trainer": asdict(progress),
+        "stage_config": asdict(cfg),
+    }
+    trained = {k: v.contiguous().cpu() for k, v in task.trained_tensors().items()}
+    state = {k: v.contiguous().cpu() for k, v in state.items()}
+
+    def write(tmp: Path) -> None:
+        save_file(trained, str(tmp / WEIGHTS_FILE))
+        save_file(state, str(tmp / STATE_FILE))
+        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(meta, sort_keys=False))
+
+    path = out / "checkpoints" / f"step_{progress.step:06d}"
+    write_dir_atomically(path, write)
+    for old in sorted((out / "checkpoints").glob("step_*"))[: -cfg.keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def resume(task: Task, optimizer, path: Path) -> Progress:
+    meta = yaml.safe_load((path / CONFIG_FILE).read_text())
+    trained = load_tensors(path / WEIGHTS_FILE)
+    state = load_tensors(path / STATE_FILE)
+    if task.model is None:
+        task.clip.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("clip.")})
+    else:
+        load_adapter_tensors(task.model, trained, path)
+    load_optimizer_tensors(optimizer, param_order(task.trainable), state)
+    torch.set_rng_state(state["rng.torch"])
+    return Progress(**meta["trainer"])
+
+
+# ---- logging ---------------------------------------------------------------------------------------
+class RunLog:
+    """metrics.jsonl + TensorBoard (if installed) + a progress bar, on rank 0 only."""
+
+    def __init__(self, out: Path, cfg: StageConfig, start: int, enabled: bool) -> None:
+        self.enabled = enabled
+        if not enabled:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        self.file = open(out / "metrics.jsonl", "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        except ImportError:
+            self.tb = None
+        self.bar = tqdm(total=cfg.optim.steps, initial=start, desc=cfg.stage, unit="step",
+                        dynamic_ncols=True, disable=None if not os.environ.get("MM_PROGRESS") else False)
+
+    def step(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k in ("loss", "lr", "samples_per_s", "grad_norm"):
+                self.tb.add_scalar(k, record[k], record["step"])
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}",
+                             skipped=record["skipped"], refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+            self.file.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+# ---- the loop ---------------------------------------------------------------------------------------
+def init_distributed() -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def train(cfg: StageConfig) -> Path:
+    """Run (or resume) a stage; returns its final checkpoint directory."""
+    init_distributed()
+    rank, size = world()
+    torch.manual_seed(cfg.data.seed)
+    task = Task(cfg)
+    out = Path(cfg.output)
+    params = task.trainable
+    optimizer = make_optimizer(params, cfg.optim)
+    last = latest_checkpoint(out)
+    progress = resume(task, optimizer, last) if last else Progress()
+    objective = task.objective
+    if size > 1:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(objective, task.frozen_names())
+        objective = DistributedDataParallel(objective)
+    objective.train()
+    data = ShardBatches(expand_shards(cfg.data.shards), batch_size=cfg.data.batch_size, decode=task.decode,
+                        collate=task.collate, seed=cfg.data.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+                        rank=rank, world_size=size, start_batch=progress.batches)
+    log = RunLog(out, cfg, progress.step, enabled=rank == 0)
+    started, samples = time.time(), 0
+    for batch in batch_loader(data, cfg.data.workers):
+        if progress.step >= cfg.optim.steps:
+            break
+        t0 = time.time()
+        lr = learning_rate(progress.step, cfg.optim)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss, logged = objective(**to_tensor_dict(batch, torch.device("cpu")))
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        n = int(all_reduce_sum(torch.tensor(batch["examples"])))
+        progress.step, progress.batches = progress.step + 1, batch["batch_index"] + 1
+        progress.skipped += int(all_reduce_sum(torch.tensor(batch["skipped"])))
+        samples += n
+        log.step({"step": progress.step, "loss": float(logged), "lr": lr, "grad_norm": float(grad_norm),
+                  "samples": n, "skipped": progress.skipped, "step_time": time.time() - t0,
+                  "samples_per_s": samples / (time.time() - started), "elapsed": time.time() - started})
+        if progress.step % cfg.save_every == 0 or progress.step == cfg.optim.steps:
+            if rank == 0:
+                save_run_checkpoint(task, optimizer, progress, out)
+            if size > 1:
+                dist.barrier()
+    log.close()
+    final = out / "final"
+    if rank == 0:
+        source = latest_checkpoint(out)
+        if source is None:
+            raise CheckpointError(out, "the run ended before its first checkpoint")
+        write_dir_atomically(final, lambda tmp: [shutil.copy2(f, tmp / f.name) for f in source.iterdir()])
+    if size > 1:
+        dist.barrier()
+    return final
+
+
+def average_checkpoints(paths: list[Path], out: Path) -> None:
+    """Average the trained tensors of several checkpoints of one stage (e.g. the best of a sweep)."""
+    metas = [yaml.safe_load((Path(p) / CONFIG_FILE).read_text()) for p in paths]
+    tensors = [load_tensors(Path(p) / WEIGHTS_FILE) for p in paths]
+    if any(set(t) != set(tensors[0]) for t in tensors) or len({m.get("stage") for m in metas}) != 1:
+        raise CheckpointError(paths[0], "checkpoints to average must come from the same stage, with the same tensors")
+    mean = {k: torch.stack([t[k].float() for t in tensors]).mean(0).to(tensors[0][k].dtype) for k in tensors[0]}
+    meta = {**metas[0], "averaged_from": [str(Path(p).resolve()) for p in paths]}
+    meta.pop("trainer", None)
+
+    def write(tmp: Path) -> None:
+        save_file(mean, str(tmp / WEIGHTS_FILE))
+        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(meta, sort_keys=False))
+
+    write_dir_atomically(out, write)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mm.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
