@@ -130,20 +130,35 @@ class MultimodalModel(nn.Module):
         return self._run(self.decoder, ids, attention_mask, images, image_rows, labels=labels, **decoder_kwargs)
 
     def hidden_states(self, ids: Tensor, attention_mask: Tensor | None = None, images: TiledImages | None = None,
-                      image_rows: Tensor | None = None) -> Tensor:
-        """The decoder's final hidden states [b, L, d] (before the LM head; training takes the
-        logits of the labelled positions only)."""
-        return self._run(self.decoder.model, ids, attention_mask, images, image_rows).last_hidden_state
+                      image_rows: Tensor | None = None, prefix: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
+        """The decoder's final hidden states [b, L - P, d] (before the LM head; training takes the
+        logits of the labelled positions only). `prefix`: per-layer keys/values [1, kv, P, hd]
+        of the first P tokens, shared by every row (see `prefix_cache`); only the rest is run."""
+        return self._run(self.decoder.model, ids, attention_mask, images, image_rows, prefix).last_hidden_state
 
-    def _run(self, module: nn.Module, ids, attention_mask, images, image_rows, **kwargs):
+    @torch.no_grad()
+    def prefix_cache(self, ids: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Keys/values of a text prefix [P] that precedes every media token. Rows before any media
+        are exactly the frozen decoder's, so this is valid for the whole life of the model."""
+        if bool(torch.isin(ids, self.media_embedding.new_ids).any()):
+            raise ValueError("a cached prefix cannot contain media tokens")
+        out = self.decoder.model(inputs_embeds=self.embed(ids[None]), use_cache=True)
+        return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+
+    def _run(self, module: nn.Module, ids, attention_mask, images, image_rows, prefix=None, **kwargs):
         if attention_mask is None:
             attention_mask = torch.ones_like(ids)
         context = self.image_context(ids, images, image_rows)
+        start = prefix[0][0].shape[2] if prefix else 0
+        if prefix:
+            b = ids.shape[0]
+            kwargs["past_key_values"] = DynamicCache(
+                [(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in prefix], config=self.decoder.config)
         if context is not None:
-            context.set_queries(torch.arange(ids.shape[1], device=ids.device))
+            context.set_queries(torch.arange(start, ids.shape[1], device=ids.device))
         with self.fusion.media(image=context):
-            return module(inputs_embeds=self.embed(ids), attention_mask=attention_mask,
-                          position_ids=_positions(attention_mask), **kwargs)
+            return module(inputs_embeds=self.embed(ids[:, start:]), attention_mask=attention_mask,
+                          position_ids=_positions(attention_mask)[:, start:], **kwargs)
 
     # ---- prompts -------------------------------------------------------------------------
     def render(self, messages: list[dict]) -> tuple[str, list]:

@@ -48,6 +48,11 @@ class OptimConfig:
     steps: int = 1000
     grad_clip: float = 1.0
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * this
+    gate_lr: float | None = None  # learning rate of the scalar tanh gates (default: lr). Gates start
+    # closed; with a short schedule at the lr of the weights they barely open, so the adapters
+    # can't carry the image. Same warm-up and decay as lr.
+    lr_scale: dict[str, float] = field(default_factory=dict)  # parameter-name prefix -> lr multiplier
+    # (e.g. {encoders.image: 0.1}: a pretrained encoder learns slower than the new adapters)
 
 
 @dataclass
@@ -140,22 +145,42 @@ class LMObjective(nn.Module):
     Returns (loss to backpropagate, loss to log). Logits are computed only where a label is,
     so the 49k-way LM head costs a few tokens per sample, not the whole sequence. The loss is
     scaled so that gradients averaged over processes equal the single-process gradient.
+    A text prefix that every row shares (the chat template's system turn) is run once and its
+    keys/values reused: rows before the first media token are exactly the frozen decoder's.
     """
+
+    min_shared_prefix = 8
 
     def __init__(self, model) -> None:
         super().__init__()
         self.model = model
+        self._prefixes: dict[tuple[int, ...], list] = {}
 
     def forward(self, ids, attention_mask, labels, tiles, aspect_ratio_ids, n_tiles, image_rows, **_) -> tuple:
         images = TiledImages(tiles, aspect_ratio_ids, n_tiles)
-        hidden = self.model.hidden_states(ids, attention_mask, images, image_rows)
-        target = labels[:, 1:]
+        start = self.shared_prefix(ids, attention_mask)
+        prefix = None
+        if start >= self.min_shared_prefix:
+            key = tuple(ids[0, :start].tolist())
+            if key not in self._prefixes:
+                self._prefixes[key] = self.model.prefix_cache(ids[0, :start])
+            prefix = self._prefixes[key]
+        else:
+            start = 0
+        hidden = self.model.hidden_states(ids, attention_mask, images, image_rows, prefix)
+        target = labels[:, start + 1:]
         keep = target != IGNORE
         logits = self.model.decoder.lm_head(hidden[:, :-1][keep])
         loss_sum = F.cross_entropy(logits.float(), target[keep], reduction="sum")
         count = all_reduce_sum(keep.sum().to(loss_sum))
         logged = all_reduce_sum(loss_sum.detach()) / count
         return loss_sum * world()[1] / count, logged
+
+    def shared_prefix(self, ids: Tensor, attention_mask: Tensor) -> int:
+        """Length of the leading tokens that all rows share, unpadded and before any media token."""
+        same = (ids == ids[:1]).all(0) & attention_mask.bool().all(0)
+        same &= ~torch.isin(ids, self.model.media_embedding.new_ids).any(0)
+        return int(same.long().cumprod(0).sum())
 
 
 class LMExamples:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import shutil
 import sys
 import time
@@ -85,24 +86,45 @@ class Task:
         return names + [f"model.{n}" for n, _ in self.model.decoder.named_buffers(prefix="decoder")]
 
 
-def learning_rate(step: int, cfg) -> float:
-    """Linear warm-up to lr, then cosine decay to lr * min_lr_ratio at the last step."""
+def lr_factor(step: int, cfg) -> float:
+    """Linear warm-up to 1, then cosine decay to min_lr_ratio at the last step."""
     if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+        return (step + 1) / cfg.warmup_steps
     t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
-def param_order(params: dict[str, torch.nn.Parameter]) -> list[str]:
-    """Names in the optimizer's order: weight-decayed matrices first, then 1-d parameters
-    (gates, norms, biases), which get no weight decay."""
-    return [n for n, p in params.items() if p.dim() >= 2] + [n for n, p in params.items() if p.dim() < 2]
+def param_groups(params: dict[str, torch.nn.Parameter], cfg) -> list[tuple[str, list[str], dict]]:
+    """(group name, parameter names, settings): weight-decayed matrices; other 1-d parameters
+    (norms, biases) without decay; scalar tanh gates without decay at gate_lr; each split
+    further by the lr multiplier of the longest matching `lr_scale` prefix."""
+    def scale(name: str) -> float:
+        matches = [p for p in cfg.lr_scale if name == p or name.startswith(p + ".")]
+        return float(cfg.lr_scale[max(matches, key=len)]) if matches else 1.0
+
+    def kind(name: str, p: torch.nn.Parameter) -> str:
+        return "gates" if p.numel() == 1 else "matrices" if p.dim() >= 2 else "vectors"
+
+    groups: dict[tuple[str, float], list[str]] = {}
+    for name, p in params.items():
+        groups.setdefault((kind(name, p), scale(name)), []).append(name)
+    gate_lr = cfg.gate_lr if cfg.gate_lr is not None else cfg.lr
+    out = []
+    for (k, mult), names in sorted(groups.items()):
+        settings = {"weight_decay": cfg.weight_decay if k == "matrices" else 0.0,
+                    "base_lr": (gate_lr if k == "gates" else cfg.lr) * mult}
+        out.append((f"{k}x{mult:g}", names, settings))
+    return out
+
+
+def param_order(params: dict[str, torch.nn.Parameter], cfg) -> list[str]:
+    """Parameter names in the optimizer's order."""
+    return [n for _, names, _ in param_groups(params, cfg) for n in names]
 
 
 def make_optimizer(params: dict[str, torch.nn.Parameter], cfg) -> torch.optim.AdamW:
-    decay = [p for p in params.values() if p.dim() >= 2]
-    no_decay = [p for p in params.values() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": [params[n] for n in names], "lr": s["base_lr"], **s}
+              for _, names, s in param_groups(params, cfg) if names]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
 
 
@@ -128,7 +150,7 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 def save_run_checkpoint(task: Task, optimizer, progress: Progress, out: Path) -> Path:
     cfg = task.cfg
-    state = optimizer_tensors(optimizer, param_order(task.trainable))
+    state = optimizer_tensors(optimizer, param_order(task.trainable, cfg.optim))
     state["rng.torch"] = torch.get_rng_state()
     if task.model is None:
         state.update({f"clip.{k}": v for k, v in task.clip.state_dict().items()})
@@ -164,7 +186,7 @@ def resume(task: Task, optimizer, path: Path) -> Progress:
         task.clip.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("clip.")})
     else:
         load_adapter_tensors(task.model, trained, path)
-    load_optimizer_tensors(optimizer, param_order(task.trainable), state)
+    load_optimizer_tensors(optimizer, param_order(task.trainable, task.cfg.optim), state)
     torch.set_rng_state(state["rng.torch"])
     return Progress(**meta["trainer"])
 
@@ -209,6 +231,13 @@ class RunLog:
 
 
 # ---- the loop ---------------------------------------------------------------------------------------
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process (CPU) or peak allocated GPU memory, in MiB."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def init_distributed() -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -239,9 +268,10 @@ def train(cfg: StageConfig) -> Path:
         if progress.step >= cfg.optim.steps:
             break
         t0 = time.time()
-        lr = learning_rate(progress.step, cfg.optim)
+        factor = lr_factor(progress.step, cfg.optim)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = group["base_lr"] * factor
+        lr = cfg.optim.lr * factor
         loss, logged = objective(**to_tensor_dict(batch, torch.device("cpu")))
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.optim.grad_clip)
@@ -253,7 +283,8 @@ def train(cfg: StageConfig) -> Path:
         samples += n
         log.step({"step": progress.step, "loss": float(logged), "lr": lr, "grad_norm": float(grad_norm),
                   "samples": n, "skipped": progress.skipped, "step_time": time.time() - t0,
-                  "samples_per_s": samples / (time.time() - started), "elapsed": time.time() - started})
+                  "samples_per_s": samples / (time.time() - started), "elapsed": time.time() - started,
+                  "peak_memory_mb": peak_memory_mb()})
         if progress.step % cfg.save_every == 0 or progress.step == cfg.optim.steps:
             if rank == 0:
                 save_run_checkpoint(task, optimizer, progress, out)

@@ -4,6 +4,7 @@
     python scripts/digits.py train     # vision_clip -> image_pretrain -> image_sft (configs/stages/digits_*)
     python scripts/digits.py eval      # free-text answers on held-out scans -> docs/results/digits.json
     python scripts/digits.py all
+    python scripts/digits.py demo      # the main job: a short schedule (< 10 min on 2 cores), then answers
 
 Data: scikit-learn's bundled digits (1797 real 8x8 scans, 16 grey levels). Scans 0..1499 are
 for training, 1500..1796 are held out and never seen by any stage. Questions and answers are
@@ -70,33 +71,70 @@ def make_data() -> None:
         print(f"{name}: {report.written} samples in {report.shards} shards, {report.skipped} skipped")
 
 
-def train(overrides: list[str]) -> dict:
-    times = {}
-    for stage in ["vision_clip", "image_pretrain", "image_sft"]:
+STAGES = ["vision_clip", "image_pretrain", "image_sft"]
+
+
+def train(run: Path, steps: dict[str, int] | None = None, extra: list[str] = ()) -> dict:
+    """Run the three stages in order into run/<stage>, each initialised from the one before."""
+    times, previous = {}, None
+    for stage in STAGES:
+        overrides = [f"output={run / stage}", *extra]
+        if previous:
+            overrides.append(f"init={previous}")
+        if steps:
+            overrides.append(f"optim.steps={steps[stage]}")
         start = time.time()
         cmd = [sys.executable, "-m", "mm", "train", str(ROOT / "configs/stages" / f"digits_{stage}.yaml"), *overrides]
         subprocess.run(cmd, check=True, cwd=ROOT)
-        times[stage] = time.time() - start
+        times[stage] = round(time.time() - start, 1)
+        previous = run / stage / "final"
     return times
 
 
-def evaluate() -> dict:
+def evaluate(model: Path, limit: int = 0) -> dict:
     from mm.evaluate import evaluate as run_eval, load_eval_config
 
-    return run_eval(load_eval_config(ROOT / "configs/eval/digits.yaml"))
+    cfg = load_eval_config(ROOT / "configs/eval/digits.yaml", [f"model={model}", f"limit={limit}",
+                                                                f"output={model.parent.parent / 'heldout_answers.jsonl'}"])
+    return run_eval(cfg)
+
+
+def demo() -> None:
+    """The main job: a short schedule of all three stages (progress shown), then questions about
+    held-out scans."""
+    start = time.time()
+    if not (DATA / "heldout_qa").is_dir():
+        make_data()
+    run = ROOT / "runs" / "digits_demo"
+    times = train(run, DEMO_STEPS)
+    final = run / "image_sft" / "final"
+    print(f"trained in {time.time() - start:.0f} s: {times}")
+    for image in sorted((ROOT / "assets").glob("digit_*.png")):
+        cmd = [sys.executable, "-m", "mm", "ask", "--model", str(final), "--image", str(image), "What digit is this?"]
+        answer = subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        print(f"{image.relative_to(ROOT)}: What digit is this? -> {answer}")
+    result = evaluate(final, limit=100)
+    print(f"held-out scans: {result['correct']}/{result['samples']} answered correctly "
+          f"({100 * result['accuracy']:.1f}%); total {time.time() - start:.0f} s")
+
+
+DEMO_STEPS = {"vision_clip": 200, "image_pretrain": 100, "image_sft": 120}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=["data", "train", "eval", "all"])
-    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("step", choices=["data", "train", "eval", "all", "demo"])
+    parser.add_argument("overrides", nargs="*", help="key=value for every stage")
     args = parser.parse_args()
+    run = ROOT / "runs" / "digits"
+    if args.step == "demo":
+        return demo()
     if args.step in ("data", "all"):
         make_data()
     if args.step in ("train", "all"):
-        print(json.dumps({"stage_seconds": train(args.overrides)}))
+        print(json.dumps({"stage_seconds": train(run, extra=args.overrides)}))
     if args.step in ("eval", "all"):
-        print(json.dumps(evaluate()))
+        print(json.dumps(evaluate(run / "image_sft" / "final")))
 
 
 if __name__ == "__main__":

@@ -70,3 +70,21 @@ def test_invalid_values_and_missing_named_config(tmp_path):
 def test_overrides_reach_into_named_configs():
     config = load_model_config(CONFIG_DIR / "models" / "tiny.yaml", ["vision.layers=3", "image_adapter.every=1"])
     assert config.vision.layers == 3 and config.vision.width == 32 and config.image_adapter.every == 1
+
+
+@pytest.mark.parametrize("name", list_configs("stages"))
+def test_stage_configs_parse_and_build_on_meta(name):
+    from mm.stages import load_stage_config
+
+    config = load_stage_config(CONFIG_DIR / "stages" / f"{name}.yaml")
+    with torch.device("meta"):
+        encoder = ImageEncoder(config.model.vision)
+    assert config.model.vision.output_dim > 0 and encoder is not None
+    assert all(not p.startswith("decoder") for p in config.train)
+
+
+@pytest.mark.parametrize("name", list_configs("eval"))
+def test_eval_configs_parse(name):
+    from mm.evaluate import load_eval_config
+
+    assert load_eval_config(CONFIG_DIR / "eval" / f"{name}.yaml").model

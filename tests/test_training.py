@@ -246,3 +246,72 @@ def test_two_processes_give_the_losses_of_one(tmp_path, shards):
     assert list(a) == list(b) == [1, 2, 3, 4]
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5)
+
+
+def test_shared_prefix_reuse_gives_the_same_loss_and_gradients(shards):
+    from mm.data import decode_image, sample_json  # noqa: F401  (examples are built from shard samples)
+    from mm.stages import LMExamples, LMObjective, collate_lm
+    from tests.conftest import open_gates
+
+    model = mm.load("tiny")
+    open_gates(model)
+    samples = list(wds.WebDataset(str(shards / "qa" / "qa-000000.tar"), shardshuffle=False))[:4]
+    batch = collate_lm([LMExamples(model, "qa", 256)(s) for s in samples], model.tokenizer.pad_token_id)
+    batch.pop("examples")
+    objective = LMObjective(model)
+    assert objective.shared_prefix(batch["ids"], batch["attention_mask"]) == 6  # <|im_start|> u s e r \n
+    results = []
+    for minimum in (1, 10_000):  # with and without the cached prefix
+        objective.min_shared_prefix = minimum
+        model.zero_grad()
+        loss, logged = objective(**batch)
+        loss.backward()
+        results.append((logged.item(), model.xattn["image"][1].cross_attn.q_proj.weight.grad.clone()))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    assert torch.allclose(results[0][1], results[1][1], rtol=1e-4, atol=1e-7)
+
+
+def test_answer_matching():
+    from mm.evaluate import is_correct
+
+    assert is_correct("It is a 7.", "7") and is_correct("That is the number 7", "7")
+    assert not is_correct("It is a 17.", "7") and not is_correct("I see a 1.", "7")
+    assert is_correct("The colour is Red!", "red")
+
+
+def test_cli_data_and_eval(tmp_path, shards, capsys):
+    from mm.cli import main
+
+    rows = [{"image": str(shards / f"{i:03d}.png"), "question": "Which colour is it?",
+             "answer": list(COLOURS)[i % 4]} for i in range(6)]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["data", "qa", str(tmp_path / "qa.jsonl"), str(tmp_path / "qa")]) == 0
+    assert "wrote 6 samples in 1 shards" in capsys.readouterr().out
+    config = tmp_path / "eval.yaml"
+    config.write_text(yaml.safe_dump({"model": "tiny", "shards": [str(tmp_path / "qa")], "max_new_tokens": 3,
+                                      "output": str(tmp_path / "answers.jsonl")}))
+    assert main(["eval", str(config)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["samples"] == 6 and 0 <= result["accuracy"] <= 1
+    answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert [a["answer"] for a in answers] == [r["answer"] for r in rows]
+    assert main(["data", "qa", str(tmp_path / "missing.jsonl"), str(tmp_path / "x")]) == 2
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_param_groups_split_gates_and_scaled_prefixes():
+    from mm.stages import OptimConfig, select_trainable
+    from mm.train import make_optimizer, param_groups
+
+    model = mm.load("tiny")
+    params = select_trainable(model, ["encoders.image", "xattn.image"])
+    cfg = OptimConfig(lr=1e-3, gate_lr=1e-2, lr_scale={"encoders.image": 0.1})
+    groups = {name: (names, s) for name, names, s in param_groups(params, cfg)}
+    gate_names, gate_settings = groups["gatesx1"]
+    assert "xattn.image.0.attn_gate.scale" in gate_names and gate_settings["base_lr"] == 1e-2
+    assert "encoders.image.pre_tile_embedding.gate" in groups["gatesx0.1"][0]
+    assert groups["gatesx0.1"][1]["base_lr"] == pytest.approx(1e-3)
+    assert groups["matricesx0.1"][1] == {"weight_decay": cfg.weight_decay, "base_lr": pytest.approx(1e-4)}
+    assert groups["vectorsx1"][1]["weight_decay"] == 0.0
+    assert sorted(n for names, _ in groups.values() for n in names) == sorted(params)
+    assert sum(len(g["params"]) for g in make_optimizer(params, cfg).param_groups) == len(params)
