@@ -51,17 +51,15 @@ def load(source: str | Path = "smollm2", *, overrides: list[str] = (), force: bo
     return model.to(device) if device is not None else model
 
 
-def save_checkpoint(model: MultimodalModel, path: str | Path, tensors: dict | None = None,
-                    extra: dict | None = None) -> None:
-    """Write `tensors` (default: all adapter tensors) and the config, atomically."""
+def save_checkpoint(model: MultimodalModel, path: str | Path) -> None:
+    """Write every adapter tensor and the config, atomically: a self-contained checkpoint."""
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().contiguous().cpu() for k, v in (tensors or model.adapter_state_dict()).items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.adapter_state_dict().items()}
     meta = {
         "format": FORMAT,
         "model": to_dict(model.config),
         "decoder": {"source": model.config.decoder, "sha256": model.decoder_sha256()},
-        **(extra or {}),
     }
 
     def write(tmp: Path) -> None:
@@ -95,23 +93,24 @@ def checkpoint_chain(path: Path) -> list[tuple[Path, dict]]:
     return chain[::-1]
 
 
-def load_checkpoint(path: str | Path, *, force: bool = False, swap_decoder: str | None = None) -> MultimodalModel:
+def load_checkpoint(path: str | Path, *, force: bool = False, config: ModelConfig | None = None) -> MultimodalModel:
     """Build the newest checkpoint's model and apply the tensors of every checkpoint of its
-    chain, oldest first. `swap_decoder` builds on another decoder of the same architecture
-    (the base -> instruct hot-swap of a fine-tuning stage) instead of the recorded one."""
+    chain, oldest first. A training stage passes its own `config` instead: a higher resolution
+    (positional embeddings are resampled) or another decoder of the same architecture (the
+    base -> instruct hot-swap); `force` then allows the decoder to differ from the recorded one."""
     path = Path(path)
     chain = checkpoint_chain(path)
     newest = chain[-1][1]
-    config = from_dict(ModelConfig, newest.get("model") or {}, str(path / CONFIG_FILE))
-    config.validate(str(path / CONFIG_FILE))
-    if swap_decoder:
-        config.decoder = swap_decoder
+    if config is None:
+        config = from_dict(ModelConfig, newest.get("model") or {}, str(path / CONFIG_FILE))
+        config.validate(str(path / CONFIG_FILE))
     tensors = [(p, load_tensors(p / WEIGHTS_FILE)) for p, _ in chain]  # all read before building
     model = build(config)
     expected = (newest.get("decoder") or {}).get("sha256")
-    if expected and expected != model.decoder_sha256() and not (force or swap_decoder):
+    if expected and expected != model.decoder_sha256() and not force:
         raise CheckpointError(path, f"trained on another decoder (sha256 {expected[:12]}..., "
-                                    f"loaded {model.decoder_sha256()[:12]}...); pass force=True / --force to load anyway")
+                                    f"loaded {model.decoder_sha256()[:12]}...); pass force=True / --force "
+                                    "(in a stage: decoder: PATH) to load anyway")
     for source, t in tensors:
         load_adapter_tensors(model, t, source)
     return model

@@ -157,7 +157,7 @@ def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
 def _expand_named(key: str, name: str, source: str) -> dict:
     for registry in REGISTRIES.values():
         path = named_config_path(registry, name)
-        if key == registry and path.is_file():
+        if key in (registry, registry.rstrip("s")) and path.is_file():
             return read_yaml(path)
     raise ConfigError(source, f"'{key}' names '{name}', which cannot be expanded for an override")
 

@@ -59,8 +59,10 @@ class Task:
             self.trainable = dict(self.clip.named_parameters())
             self.decode, self.collate = ClipExamples(cfg.model.vision, cfg.clip), collate_clip
         else:
-            self.model = load_checkpoint(cfg.init, swap_decoder=cfg.decoder) if cfg.init else build(cfg.model)
-            self.model.config.vision = cfg.model.vision  # stage may raise the resolution (anneal)
+            if cfg.init:  # the stage's own model config: it may raise the resolution or swap the decoder
+                self.model = load_checkpoint(cfg.init, config=cfg.model, force=bool(cfg.decoder))
+            else:
+                self.model = build(cfg.model)
             self.objective = LMObjective(self.model)
             self.trainable = select_trainable(self.model, cfg.train)
             pad = self.model.tokenizer.pad_token_id or 0
@@ -238,17 +240,24 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def init_distributed() -> None:
+def init_distributed() -> torch.device:
+    """Join the torchrun process group if there is one; -> this process's device."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
 
 
 def train(cfg: StageConfig) -> Path:
     """Run (or resume) a stage; returns its final checkpoint directory."""
-    init_distributed()
+    device = init_distributed()
     rank, size = world()
     torch.manual_seed(cfg.data.seed)
     task = Task(cfg)
+    task.objective.to(device)  # before the optimizer, so that its state lives beside the parameters
     out = Path(cfg.output)
     params = task.trainable
     optimizer = make_optimizer(params, cfg.optim)
@@ -257,7 +266,7 @@ def train(cfg: StageConfig) -> Path:
     objective = task.objective
     if size > 1:
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(objective, task.frozen_names())
-        objective = DistributedDataParallel(objective)
+        objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
     objective.train()
     data = ShardBatches(expand_shards(cfg.data.shards), batch_size=cfg.data.batch_size, decode=task.decode,
                         collate=task.collate, seed=cfg.data.seed, shuffle_buffer=cfg.data.shuffle_buffer,
@@ -272,7 +281,7 @@ def train(cfg: StageConfig) -> Path:
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
         lr = cfg.optim.lr * factor
-        loss, logged = objective(**to_tensor_dict(batch, torch.device("cpu")))
+        loss, logged = objective(**to_tensor_dict(batch, device))
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.optim.grad_clip)
         optimizer.step()

@@ -88,3 +88,12 @@ def test_eval_configs_parse(name):
     from mm.evaluate import load_eval_config
 
     assert load_eval_config(CONFIG_DIR / "eval" / f"{name}.yaml").model
+
+
+def test_stage_overrides_reach_into_named_model_and_vision():
+    from mm.stages import load_stage_config
+
+    config = load_stage_config(CONFIG_DIR / "stages" / "digits_image_pretrain.yaml",
+                               ["model.vision.image_size=32", "optim.steps=7"])
+    assert config.model.vision.image_size == 32 and config.model.vision.width == 128
+    assert config.model.decoder == "smollm2" and config.optim.steps == 7

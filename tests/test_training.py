@@ -174,7 +174,9 @@ def test_clip_tower_becomes_the_image_encoder_then_anneal_and_sft_hot_swap(tmp_p
         optim__steps=2, save_every=2, model={"decoder": "tiny", "vision": {
             **yaml.safe_load((ROOT / "configs/vision/vit_tiny.yaml").read_text()), "image_size": 48}, "image_adapter": {"every": 2}})))
     annealed = mm.load(anneal)
-    assert annealed.encoders["image"].positional_embedding.shape[0] == (48 // 8) ** 2 + 1
+    tokens = (48 // 8) ** 2 + 1  # trained at the new resolution, not resampled afterwards
+    assert load_file(str(anneal / "adapters.safetensors"))["encoders.image.positional_embedding"].shape[0] == tokens
+    assert annealed.encoders["image"].positional_embedding.shape[0] == tokens
 
     other = tmp_path / "instruct"
     decoder, tokenizer = mm.decoders.tiny_decoder(seed=5)
