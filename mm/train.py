@@ -210,7 +210,8 @@ class RunLog:
         except ImportError:
             self.tb = None
         self.bar = tqdm(total=cfg.optim.steps, initial=start, desc=cfg.stage, unit="step",
-                        dynamic_ncols=True, disable=None if not os.environ.get("MM_PROGRESS") else False)
+                        dynamic_ncols=True,
+                        disable=False if os.environ.get("MM_PROGRESS") else None)  # None: only on a terminal
 
     def step(self, record: dict) -> None:
         if not self.enabled:

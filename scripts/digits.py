@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import subprocess
 import sys
@@ -99,6 +100,39 @@ def evaluate(model: Path, limit: int = 0) -> dict:
     return run_eval(cfg)
 
 
+def training_stats(run: Path) -> dict:
+    """Per stage, from its metrics.jsonl: steps, wall time, median step time, peak memory, last loss."""
+    stats = {}
+    for stage in STAGES:
+        records = [json.loads(line) for line in (run / stage / "metrics.jsonl").read_text().splitlines()]
+        step_times = sorted(r["step_time"] for r in records)
+        stats[stage] = {
+            "steps": records[-1]["step"], "batch_size": records[-1]["samples"],
+            "train_seconds": round(sum(step_times), 1),
+            "median_step_seconds": round(step_times[len(step_times) // 2], 3),
+            "peak_memory_mb": round(max(r.get("peak_memory_mb", 0) for r in records)),
+            "first_loss": round(records[0]["loss"], 4), "last_loss": round(records[-1]["loss"], 4),
+            "skipped_samples": records[-1]["skipped"],
+        }
+    return stats
+
+
+def report(run: Path) -> dict:
+    """Held-out accuracy and training figures of a run, written to docs/results/digits.json."""
+    result = {"heldout": evaluate(run / "image_sft" / "final"), "training": training_stats(run),
+              "machine": f"{os.cpu_count()} CPU cores, torch {torch_version()}"}
+    out = ROOT / "docs" / "results" / "digits.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
 def demo() -> None:
     """The main job: a short schedule of all three stages (progress shown), then questions about
     held-out scans."""
@@ -134,7 +168,7 @@ def main() -> None:
     if args.step in ("train", "all"):
         print(json.dumps({"stage_seconds": train(run, extra=args.overrides)}))
     if args.step in ("eval", "all"):
-        print(json.dumps(evaluate(run / "image_sft" / "final")))
+        print(json.dumps(report(run), indent=2))
 
 
 if __name__ == "__main__":
