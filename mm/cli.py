@@ -20,19 +20,22 @@ def _quiet() -> None:
 
 def cmd_ask(args: argparse.Namespace) -> int:
     import mm
+    from video.frames import probe_video
     from vision.transforms import load_image
 
     for path in args.image:  # check files before spending time loading the model
         load_image(path)
+    if args.video:
+        probe_video(args.video)
     model = mm.load(args.model, force=args.force)
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                   seed=args.seed)
     if args.stream:
-        for piece in model.stream(args.question, args.image, **kwargs):
+        for piece in model.stream(args.question, args.image, video=args.video, **kwargs):
             print(piece, end="", flush=True)
         print()
     else:
-        print(model.generate(args.question, args.image, **kwargs))
+        print(model.generate(args.question, args.image, video=args.video, **kwargs))
     if args.compare_bare:
         bare = _bare_reply(model, args.question, args.max_new_tokens)
         print(f"bare decoder, text only: {bare}")
@@ -87,10 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mm", description="Multimodal adapters on a frozen Llama decoder.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    ask = sub.add_parser("ask", help="answer a question about images")
+    ask = sub.add_parser("ask", help="answer a question about images and/or a video")
     ask.add_argument("question")
     ask.add_argument("--model", default="smollm2", help="model name, checkpoint directory or config (default: smollm2)")
     ask.add_argument("--image", action="append", default=[], metavar="PATH", help="an image; repeat for several")
+    ask.add_argument("--video", metavar="PATH", help="a video file (mp4, webm, avi, mkv, gif, ...)")
     ask.add_argument("--max-new-tokens", type=int, default=128)
     ask.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ask.add_argument("--top-p", type=float, default=1.0)
@@ -107,8 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=cmd_train)
 
     data = sub.add_parser("data", help="build webdataset shards from a folder or a manifest")
-    data.add_argument("kind", choices=["captions", "qa"], help="captions: image+caption; qa: image+question+answer")
-    data.add_argument("source", help="folder of images (+ same-name .txt captions), or a .jsonl/.csv manifest")
+    data.add_argument("kind", choices=["captions", "qa"],
+                      help="captions: media+caption; qa: media+question+answer (media: an image or a video)")
+    data.add_argument("source", help="folder of images/videos (+ same-name .txt captions), or a .jsonl/.csv "
+                                     "manifest whose rows name an 'image' or a 'video'")
     data.add_argument("out", help="output folder for the .tar shards")
     data.add_argument("--per-shard", type=int, default=1000)
     data.set_defaults(func=cmd_data)
@@ -118,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     avg.add_argument("checkpoints", nargs="+")
     avg.set_defaults(func=cmd_average)
 
-    ev = sub.add_parser("eval", help="answer accuracy on image-QA shards")
+    ev = sub.add_parser("eval", help="answer accuracy on image-QA or video-QA shards")
     ev.add_argument("config")
     ev.add_argument("overrides", nargs="*", metavar="key=value")
     ev.set_defaults(func=cmd_eval)

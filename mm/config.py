@@ -2,7 +2,8 @@
 
 Unknown keys and wrong types are errors that name the file and the key, before anything
 is built. A dataclass-typed field may also be given as the name of a file in
-configs/<registry>/ (e.g. `vision: vit_tiny` reads configs/vision/vit_tiny.yaml).
+configs/<registry>/ (e.g. `vision: vit_tiny` reads configs/vision/vit_tiny.yaml), or as
+`{base: NAME, key: value, ...}`: that file with some keys changed.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any
 import yaml
 
 from mm.errors import ConfigError
+from video.aggregator import VideoConfig
 from vision.encoder import VisionConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -36,10 +38,12 @@ class ModelConfig:
     decoder: str = "smollm2"  # 'smollm2' (bundled), 'tiny', or a Llama checkpoint directory
     vision: VisionConfig = field(default_factory=VisionConfig)
     image_adapter: ImageAdapterConfig = field(default_factory=ImageAdapterConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)  # frames, aggregator, video adapter placement
     seed: int = 0  # initialisation of the adapters
 
     def validate(self, source: str) -> None:
         problems = [f"vision: {p}" for p in self.vision.validate()]
+        problems += [f"video: {p}" for p in self.video.validate()]
         if self.image_adapter.every < 1:
             problems.append("image_adapter.every must be >= 1")
         if problems:
@@ -112,6 +116,12 @@ def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
                 names = ", ".join(list_configs(REGISTRIES[tp]))
                 raise ConfigError(source, f"'{key}': no {REGISTRIES[tp]} config named '{value}' (have: {names})")
             return from_dict(tp, read_yaml(path), str(path))
+        if isinstance(value, dict) and "base" in value and tp in REGISTRIES:
+            # {base: NAME, key: value, ...}: the named config with some keys changed
+            base = _coerce(str, value["base"], source, key + ".base")
+            merged = _merge(_expand_named(REGISTRIES[tp], base, source),
+                            {k: v for k, v in value.items() if k != "base"})
+            return from_dict(tp, merged, source, key + ".")
         return from_dict(tp, value, source, key + ".")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
@@ -152,6 +162,18 @@ def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
             node = node[part]
         node[parts[-1]] = value
     return data
+
+
+def _merge(base: dict, changes: dict) -> dict:
+    out = dict(base)
+    for k, v in changes.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        elif isinstance(v, dict) and isinstance(out.get(k), str):  # a named sub-config, partly changed
+            out[k] = _merge(_expand_named(k, out[k], "config"), v)
+        else:
+            out[k] = v
+    return out
 
 
 def _expand_named(key: str, name: str, source: str) -> dict:

@@ -1,8 +1,9 @@
 """Training data: webdataset shards, written from folders/manifests and read back as batches.
 
-A sample in a shard is `<key>.<image ext>` (the original image bytes, checked when written)
-plus `<key>.json`: {"caption": ...} for image-text pairs, {"question": ..., "answer": ...}
-for image QA.
+A sample in a shard is `<key>.<image or video ext>` (the original file's bytes, checked when
+written) plus `<key>.json`: {"caption": ...} for media-text pairs, {"question": ..., "answer": ...}
+for media QA. A manifest row names its file under "image" or "video"; a folder holds image
+and video files with same-named .txt captions.
 
 Reading is one readable list of steps (webdataset stages):
 
@@ -34,9 +35,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mm.errors import InputError
+from video.frames import VIDEO_EXTENSIONS, VideoClip, load_video, video_from_bytes
 from vision.transforms import image_from_bytes, load_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# .gif is read as an image in image shards' folders; as a video only when a manifest says "video"
+FOLDER_VIDEO_EXTENSIONS = tuple(e for e in VIDEO_EXTENSIONS if e != ".gif")
 
 
 # ---- writing ---------------------------------------------------------------------------------
@@ -48,13 +52,14 @@ class WriteReport:
 
 
 def read_manifest(path: str | Path) -> Iterator[dict]:
-    """Rows of a .jsonl or .csv manifest, or (for a folder) each image with its caption from the
-    same-named .txt file. Image paths in manifests are relative to the manifest's folder."""
+    """Rows of a .jsonl or .csv manifest, or (for a folder) each image or video with its caption
+    from the same-named .txt file. Media paths in manifests are relative to the manifest's folder."""
     path = Path(path)
     if path.is_dir():
-        for image in sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
-            caption = image.with_suffix(".txt")
-            yield {"image": str(image), "caption": caption.read_text().strip() if caption.is_file() else None}
+        for media in sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS + FOLDER_VIDEO_EXTENSIONS):
+            caption = media.with_suffix(".txt")
+            kind = "video" if media.suffix.lower() in FOLDER_VIDEO_EXTENSIONS else "image"
+            yield {kind: str(media), "caption": caption.read_text().strip() if caption.is_file() else None}
         return
     if not path.is_file():
         raise InputError(path, "no such manifest file or folder")
@@ -66,16 +71,18 @@ def read_manifest(path: str | Path) -> Iterator[dict]:
         raise InputError(path, "unsupported manifest (expected a folder, .jsonl or .csv)")
     for row in rows:
         row = dict(row)
-        if "image" in row and not Path(row["image"]).is_absolute():
-            row["image"] = str(path.parent / row["image"])
+        for kind in ("image", "video"):
+            if row.get(kind) and not Path(row[kind]).is_absolute():
+                row[kind] = str(path.parent / row[kind])
         yield row
 
 
 def write_shards(rows: Iterable[dict], out_dir: str | Path, kind: str, prefix: str | None = None,
                  per_shard: int = 1000, log: Callable[[str], None] = print) -> WriteReport:
-    """Check each row's image and fields, and write the good ones into tar shards.
+    """Check each row's media file and fields, and write the good ones into tar shards.
 
-    kind: "captions" (needs image, caption) or "qa" (needs image, question, answer).
+    kind: "captions" (needs caption) or "qa" (needs question, answer); each row names an "image"
+    or a "video" file (decoded once here, so a corrupt or frame-less file is skipped now).
     """
     fields = {"captions": ("caption",), "qa": ("question", "answer")}[kind]
     out_dir = Path(out_dir)
@@ -84,17 +91,23 @@ def write_shards(rows: Iterable[dict], out_dir: str | Path, kind: str, prefix: s
     report = WriteReport()
     with wds.ShardWriter(pattern, maxcount=per_shard, verbose=0) as sink:
         for i, row in enumerate(rows):
-            missing = [f for f in ("image", *fields) if not row.get(f)]
+            media = "video" if row.get("video") else "image"
+            missing = [f for f in (media, *fields) if not row.get(f)]
             try:
                 if missing:
-                    raise InputError(row.get("image", f"row {i}"), f"missing {', '.join(missing)}")
-                load_image(row["image"])  # refuses missing, corrupt, truncated, oversized files
+                    raise InputError(row.get(media, f"row {i}"), f"missing {', '.join(missing)}")
+                # refuse missing, corrupt, truncated, oversized or frame-less files now
+                load_image(row[media]) if media == "image" else load_video(row[media], 1)
             except InputError as e:
                 report.skipped += 1
                 log(f"skipped: {e}")
                 continue
-            ext = Path(row["image"]).suffix.lower().lstrip(".") or "png"
-            sink.write({"__key__": f"{i:09d}", ext: Path(row["image"]).read_bytes(),
+            ext = Path(row[media]).suffix.lower().lstrip(".") or "png"
+            if media == "video" and "." + ext not in VIDEO_EXTENSIONS:
+                ext = "mp4"  # the container is probed from the bytes, the name only marks it a video
+            elif media == "video" and ext == "gif":
+                ext = "video.gif"  # a gif as a video, not as an image
+            sink.write({"__key__": f"{i:09d}", ext: Path(row[media]).read_bytes(),
                         "json": json.dumps({f: row[f] for f in fields}).encode()})
             report.written += 1
         report.shards = sink.shard
@@ -157,6 +170,18 @@ def image_bytes(sample: dict) -> tuple[str, bytes]:
 def decode_image(sample: dict) -> Image.Image:
     ext, data = image_bytes(sample)
     return image_from_bytes(data, f"{sample.get('__url__', 'shard')}:{sample.get('__key__', '?')}.{ext}")
+
+
+def video_bytes(sample: dict) -> tuple[str, bytes]:
+    for key, value in sample.items():
+        if key == "video.gif" or ("." + key.lower() in VIDEO_EXTENSIONS and key != "gif"):
+            return key, value
+    raise InputError(sample.get("__key__", "sample"), "no video in sample")
+
+
+def decode_video(sample: dict, frames: int) -> VideoClip:
+    ext, data = video_bytes(sample)
+    return video_from_bytes(data, f"{sample.get('__url__', 'shard')}:{sample.get('__key__', '?')}.{ext}", frames)
 
 
 def sample_json(sample: dict) -> dict:

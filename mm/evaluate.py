@@ -1,4 +1,4 @@
-"""Free-text answer accuracy of a model on image-QA shards.
+"""Free-text answer accuracy of a model on image-QA or video-QA shards.
 
     mm eval configs/eval/digits.yaml [key=value ...]
 
@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import mm
+from mm.errors import InputError
 from mm.config import apply_overrides, from_dict, read_yaml
-from mm.data import decode_image, expand_shards, first_shard_samples, sample_json
+from mm.data import decode_image, expand_shards, first_shard_samples, sample_json, video_bytes
 
 
 @dataclass
@@ -40,6 +41,14 @@ def is_correct(reply: str, expected: str) -> bool:
     return f" {normalise(expected)} " in f" {normalise(reply)} "
 
 
+def is_video(sample: dict) -> bool:
+    try:
+        video_bytes(sample)
+        return True
+    except InputError:
+        return False
+
+
 def evaluate(cfg: EvalConfig, model=None) -> dict:
     model = model or mm.load(cfg.model)
     samples = list(first_shard_samples(expand_shards(cfg.shards)))
@@ -49,8 +58,11 @@ def evaluate(cfg: EvalConfig, model=None) -> dict:
     for i in range(0, len(samples), cfg.batch_size):
         chunk = samples[i:i + cfg.batch_size]
         fields = [sample_json(s) for s in chunk]
-        replies = model.generate([f["question"] for f in fields], images=[[decode_image(s)] for s in chunk],
-                                 max_new_tokens=cfg.max_new_tokens)
+        if is_video(chunk[0]):  # the model decodes and samples the frames itself
+            media = {"video": [video_bytes(s)[1] for s in chunk]}
+        else:
+            media = {"images": [[decode_image(s)] for s in chunk]}
+        replies = model.generate([f["question"] for f in fields], max_new_tokens=cfg.max_new_tokens, **media)
         for f, reply in zip(fields, replies):
             results.append({**f, "reply": reply, "correct": is_correct(reply, str(f["answer"]))})
     if cfg.output:

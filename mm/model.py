@@ -9,6 +9,7 @@ frozen here, and `trainable_parameters` never returns one of its parameters.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,9 @@ from mm.config import ModelConfig
 from mm.decoders import freeze
 from mm.errors import InputError
 from mm.generation import Sampler, incremental_text
+from video import FrameProcessor, TemporalAggregator
 from vision import ImageEncoder, ImageProcessor
+from vision.tiling import aspect_ratio_id
 from vision.transforms import TiledImages
 
 MEDIA_TOKENS = {"image": "<|image|>", "video": "<|video|>", "audio": "<|audio|>"}
@@ -38,13 +41,16 @@ def cross_attention_layers(n_layers: int, every: int) -> list[int]:
 class Batch:
     """Token ids, left-padded, and the images of all rows in row order.
 
-    ids, attention_mask: [b, L];  images: TiledImages of n images;  image_rows: [n] row of each.
+    ids, attention_mask: [b, L];  images: TiledImages of n images;  image_rows: [n] row of each;
+    videos: [n_v, F, 3, S, S] preprocessed frames;  video_rows: [n_v] row of each.
     """
 
     ids: Tensor
     attention_mask: Tensor
     images: TiledImages | None = None
     image_rows: Tensor | None = None
+    videos: Tensor | None = None
+    video_rows: Tensor | None = None
 
 
 class MultimodalModel(nn.Module):
@@ -65,11 +71,19 @@ class MultimodalModel(nn.Module):
             self.projectors = nn.ModuleDict({"image": nn.Linear(config.vision.output_dim, dc.hidden_size)})
             self.xattn = nn.ModuleDict({"image": nn.ModuleList(
                 [self._block(dc) for _ in self.image_layers])})
+            # video: frames through the image encoder, merged in time, own blocks (zero gates)
+            # before every k-th image block; built after the image path so its init is unchanged
+            self.video_layers = self.image_layers[config.video.every - 1:: config.video.every]
+            self.aggregator = TemporalAggregator(config.video, config.vision.output_dim, config.vision.tokens_per_tile)
+            self.projectors["video"] = nn.Linear(config.video.width, dc.hidden_size)
+            self.xattn["video"] = nn.ModuleList([self._block(dc) for _ in self.video_layers])
         self.to(table.device, table.dtype)
         self.fusion = CrossAttentionFusion(decoder.model.layers)
+        self.fusion.add("video", self.xattn["video"], self.video_layers)  # added first: runs first
         self.fusion.add("image", self.xattn["image"], self.image_layers)
         v = config.vision
         self.image_processor = ImageProcessor(v.image_size, v.max_tiles, v.mean, v.std)
+        self.frame_processor = FrameProcessor(v.image_size, config.video.frames, v.mean, v.std)
         self._decoder_sha256: str | None = None
 
     @staticmethod
@@ -111,10 +125,40 @@ class MultimodalModel(nn.Module):
         dtype = self.media_embedding.weight.dtype
         states = self.projectors["image"](encoder(images.tiles.to(dtype), images.aspect_ratio_ids, images.n_tiles))
         valid = encoder.token_mask(images.n_tiles, images.tiles.shape[1])  # [n, M]
-        rows, cols = (ids == self.media_token_ids["image"]).nonzero(as_tuple=True)
-        if rows.numel() != len(images) or not torch.equal(rows, image_rows.to(rows.device)):
-            raise InputError("prompt", f"{rows.numel()} <|image|> tokens for {len(images)} images")
-        b, n, m = ids.shape[0], len(images), states.shape[1]
+        return self._context("image", ids, states, valid, image_rows)
+
+    def encode_video(self, frames: Tensor) -> Tensor:
+        """Preprocessed frames [n, F, 3, S, S] -> video states [n, (F / M) * N, d_model].
+
+        Each frame is one tile of the image encoder, run `video.chunk` frames at a time; the
+        encoder keeps no activations for backward unless one of its parameters trains."""
+        n, f = frames.shape[:2]
+        encoder = self.encoders["image"]
+        tokens = self.config.vision.tokens_per_tile
+        flat = frames.flatten(0, 1)[:, None].to(self.media_embedding.weight.dtype)  # [n*F, 1, 3, S, S]
+        grid = torch.full((flat.shape[0],), aspect_ratio_id((1, 1), self.config.vision.max_tiles), device=flat.device)
+        one = torch.ones_like(grid)
+        trains = torch.is_grad_enabled() and any(p.requires_grad for p in encoder.parameters())
+        with torch.set_grad_enabled(trains):
+            per_frame = [encoder(c, g, o)[:, :tokens] for c, g, o in zip(
+                flat.split(self.config.video.chunk), grid.split(self.config.video.chunk), one.split(self.config.video.chunk))]
+        states = torch.cat(per_frame).view(n, f, tokens, -1)
+        return self.projectors["video"](self.aggregator(states))
+
+    def video_context(self, ids: Tensor, videos: Tensor | None, video_rows: Tensor | None) -> MediaContext | None:
+        """Encode the batch's videos once; place them per row in the order of their <|video|> tokens."""
+        if videos is None or len(videos) == 0:
+            return None
+        states = self.encode_video(videos)
+        valid = torch.ones(states.shape[:2], dtype=torch.bool, device=states.device)
+        return self._context("video", ids, states, valid, video_rows)
+
+    def _context(self, kind: str, ids: Tensor, states: Tensor, valid: Tensor, rows_of: Tensor) -> MediaContext:
+        """Media states [n, m, d] -> a MediaContext packed per row, each visible from its token on."""
+        rows, cols = (ids == self.media_token_ids[kind]).nonzero(as_tuple=True)
+        if rows.numel() != len(states) or not torch.equal(rows, rows_of.to(rows.device)):
+            raise InputError("prompt", f"{rows.numel()} {MEDIA_TOKENS[kind]} tokens for {len(states)} {kind}s")
+        b, n, m = ids.shape[0], len(states), states.shape[1]
         first_of_row = torch.searchsorted(rows, rows, side="left")
         slot = torch.arange(n, device=rows.device) - first_of_row
         n_max = int(slot.max()) + 1
@@ -125,16 +169,24 @@ class MultimodalModel(nn.Module):
         return MediaContext(packed.flatten(1, 2), start, packed_valid.flatten(1, 2), m)
 
     def forward(self, ids: Tensor, attention_mask: Tensor | None = None, images: TiledImages | None = None,
-                image_rows: Tensor | None = None, labels: Tensor | None = None, **decoder_kwargs):
+                image_rows: Tensor | None = None, labels: Tensor | None = None, videos: Tensor | None = None,
+                video_rows: Tensor | None = None, **decoder_kwargs):
         """Teacher-forced pass. ids [b, L] -> CausalLMOutputWithPast (loss when labels are given)."""
-        return self._run(self.decoder, ids, attention_mask, images, image_rows, labels=labels, **decoder_kwargs)
+        media = self.media_contexts(ids, images, image_rows, videos, video_rows)
+        return self._run(self.decoder, ids, attention_mask, media, labels=labels, **decoder_kwargs)
 
     def hidden_states(self, ids: Tensor, attention_mask: Tensor | None = None, images: TiledImages | None = None,
-                      image_rows: Tensor | None = None, prefix: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
+                      image_rows: Tensor | None = None, prefix: list[tuple[Tensor, Tensor]] | None = None,
+                      videos: Tensor | None = None, video_rows: Tensor | None = None) -> Tensor:
         """The decoder's final hidden states [b, L - P, d] (before the LM head; training takes the
         logits of the labelled positions only). `prefix`: per-layer keys/values [1, kv, P, hd]
         of the first P tokens, shared by every row (see `prefix_cache`); only the rest is run."""
-        return self._run(self.decoder.model, ids, attention_mask, images, image_rows, prefix).last_hidden_state
+        media = self.media_contexts(ids, images, image_rows, videos, video_rows)
+        return self._run(self.decoder.model, ids, attention_mask, media, prefix).last_hidden_state
+
+    def media_contexts(self, ids, images=None, image_rows=None, videos=None, video_rows=None) -> dict:
+        return {"image": self.image_context(ids, images, image_rows),
+                "video": self.video_context(ids, videos, video_rows)}
 
     @torch.no_grad()
     def prefix_cache(self, ids: Tensor) -> list[tuple[Tensor, Tensor]]:
@@ -145,26 +197,27 @@ class MultimodalModel(nn.Module):
         out = self.decoder.model(inputs_embeds=self.embed(ids[None]), use_cache=True)
         return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
 
-    def _run(self, module: nn.Module, ids, attention_mask, images, image_rows, prefix=None, **kwargs):
+    def _run(self, module: nn.Module, ids, attention_mask, media: dict, prefix=None, **kwargs):
         if attention_mask is None:
             attention_mask = torch.ones_like(ids)
-        context = self.image_context(ids, images, image_rows)
         start = prefix[0][0].shape[2] if prefix else 0
         if prefix:
             b = ids.shape[0]
             kwargs["past_key_values"] = DynamicCache(
                 [(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in prefix], config=self.decoder.config)
-        if context is not None:
-            context.set_queries(torch.arange(start, ids.shape[1], device=ids.device))
-        with self.fusion.media(image=context):
+        for context in media.values():
+            if context is not None:
+                context.set_queries(torch.arange(start, ids.shape[1], device=ids.device))
+        with self.fusion.media(**media):
             return module(inputs_embeds=self.embed(ids[:, start:]), attention_mask=attention_mask,
                           position_ids=_positions(attention_mask)[:, start:], **kwargs)
 
     # ---- prompts -------------------------------------------------------------------------
-    def render(self, messages: list[dict]) -> tuple[str, list]:
-        """Chat messages (content a string or a list of {"type": "image"|"text", ...} parts)
-        -> prompt text with one <|image|> per image, and the images in order."""
-        flat, images = [], []
+    def render(self, messages: list[dict]) -> tuple[str, dict[str, list]]:
+        """Chat messages (content a string or a list of {"type": "image"|"video"|"text", ...} parts)
+        -> prompt text with one media token per image / video, and {"image": [...], "video": [...]}
+        in order."""
+        flat, media = [], {"image": [], "video": []}
         for message in messages:
             content = message.get("content", "")
             if isinstance(content, str):
@@ -175,40 +228,51 @@ class MultimodalModel(nn.Module):
                 kind = part.get("type")
                 if kind == "text":
                     text.append(part.get("text", ""))
-                elif kind == "image":
-                    images.append(next(part[k] for k in ("image", "path", "url") if k in part))
-                    text.append(MEDIA_TOKENS["image"])
+                elif kind in media:
+                    media[kind].append(next(part[k] for k in (kind, "path", "url") if k in part))
+                    text.append(MEDIA_TOKENS[kind])
                 else:
                     raise InputError("message", f"unsupported content part type {kind!r}")
             flat.append({"role": message["role"], "content": "".join(text)})
-        return self.tokenizer.apply_chat_template(flat, add_generation_prompt=True, tokenize=False), images
+        return self.tokenizer.apply_chat_template(flat, add_generation_prompt=True, tokenize=False), media
 
-    def user_messages(self, prompt: str, images: list, system: str | None = None) -> list[dict]:
-        """A one-turn conversation; images go first unless the prompt places <|image|> itself."""
-        if MEDIA_TOKENS["image"] not in prompt:
-            content = [{"type": "image", "image": i} for i in images] + [{"type": "text", "text": prompt}]
+    def user_messages(self, prompt: str, images: list, system: str | None = None, videos: list = ()) -> list[dict]:
+        """A one-turn conversation. Media go first (images, then videos) unless the prompt places
+        its own <|image|> / <|video|> tokens, one per item, in the order given."""
+        items = [("image", i) for i in images] + [("video", v) for v in videos]
+        placed = [(k, MEDIA_TOKENS[k]) for k in ("image", "video") if MEDIA_TOKENS[k] in prompt]
+        if not placed:
+            content = [{"type": k, k: x} for k, x in items] + [{"type": "text", "text": prompt}]
         else:
-            pieces = prompt.split(MEDIA_TOKENS["image"])
-            if len(pieces) - 1 != len(images):
-                raise InputError("prompt", f"{len(pieces) - 1} <|image|> placeholders for {len(images)} images")
-            content = [{"type": "text", "text": pieces[0]}]
-            for image, text in zip(images, pieces[1:]):
-                content += [{"type": "image", "image": image}, {"type": "text", "text": text}]
+            for kind, given in (("image", images), ("video", videos)):
+                if prompt.count(MEDIA_TOKENS[kind]) != len(given):
+                    raise InputError("prompt", f"{prompt.count(MEDIA_TOKENS[kind])} {MEDIA_TOKENS[kind]} "
+                                               f"placeholders for {len(given)} {kind}s")
+            queues = {"image": list(images), "video": list(videos)}
+            content, rest = [], prompt
+            pattern = "(" + "|".join(re.escape(MEDIA_TOKENS[k]) for k in ("image", "video")) + ")"
+            for piece in re.split(pattern, rest):
+                kind = next((k for k in ("image", "video") if piece == MEDIA_TOKENS[k]), None)
+                if kind:
+                    content.append({"type": kind, kind: queues[kind].pop(0)})
+                elif piece:
+                    content.append({"type": "text", "text": piece})
         messages = [{"role": "user", "content": content}]
         return ([{"role": "system", "content": system}] if system else []) + messages
 
     def prepare(self, conversations: list[list[dict]], max_new_tokens: int = 0) -> Batch:
-        """Conversations -> a left-padded Batch on the model's device, images preprocessed."""
-        ids, images, rows = [], [], []
+        """Conversations -> a left-padded Batch on the model's device, images and videos preprocessed."""
+        ids, media, rows = [], {"image": [], "video": []}, {"image": [], "video": []}
         limit = self.decoder.config.max_position_embeddings
         for row, messages in enumerate(conversations):
-            text, row_images = self.render(messages)
+            text, row_media = self.render(messages)
             tokens = self.tokenizer(text, add_special_tokens=False).input_ids
             if len(tokens) + max_new_tokens > limit:
                 raise InputError("prompt", f"{len(tokens)} tokens + {max_new_tokens} new exceed the context of {limit}")
             ids.append(tokens)
-            images += row_images
-            rows += [row] * len(row_images)
+            for kind, items in row_media.items():
+                media[kind] += items
+                rows[kind] += [row] * len(items)
         width = max(len(t) for t in ids)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         batch = torch.full((len(ids), width), pad, dtype=torch.long)
@@ -216,9 +280,14 @@ class MultimodalModel(nn.Module):
         for i, tokens in enumerate(ids):
             batch[i, width - len(tokens):] = torch.tensor(tokens)
             mask[i, width - len(tokens):] = 1
+        images, videos = media["image"], media["video"]
         tiled = self.image_processor(images).to(self.device) if images else None
-        return Batch(batch.to(self.device), mask.to(self.device), tiled,
-                     torch.tensor(rows, dtype=torch.long, device=self.device) if images else None)
+        frames = self.frame_processor(videos).to(self.device) if videos else None
+
+        def row_ids(kind):
+            return torch.tensor(rows[kind], dtype=torch.long, device=self.device) if media[kind] else None
+
+        return Batch(batch.to(self.device), mask.to(self.device), tiled, row_ids("image"), frames, row_ids("video"))
 
     # ---- generation ----------------------------------------------------------------------
     @torch.inference_mode()
@@ -227,8 +296,9 @@ class MultimodalModel(nn.Module):
         first step and reused from the MediaContext for every later one; rows that finished
         get the pad token."""
         ids, mask = batch.ids, batch.attention_mask
-        context = self.image_context(ids, batch.images, batch.image_rows)
-        self.last_context = context  # kept for inspection (tests count key/value computations)
+        media = self.media_contexts(ids, batch.images, batch.image_rows, batch.videos, batch.video_rows)
+        self.last_context = media["image"]  # kept for inspection (tests count key/value computations)
+        self.last_contexts = media
         stop = torch.tensor(sorted(self.eos_token_ids()), device=ids.device)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else int(stop[0])
         cache = DynamicCache(config=self.decoder.config)
@@ -236,9 +306,10 @@ class MultimodalModel(nn.Module):
         query = torch.arange(ids.shape[1], device=ids.device)
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         for _ in range(max_new_tokens):
-            if context is not None:
-                context.set_queries(query)
-            with self.fusion.media(image=context):
+            for context in media.values():
+                if context is not None:
+                    context.set_queries(query)
+            with self.fusion.media(**media):
                 out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                                    past_key_values=cache, use_cache=True, logits_to_keep=1)
             token = sampler(out.logits[:, -1]).masked_fill(done, pad)
@@ -257,17 +328,20 @@ class MultimodalModel(nn.Module):
         ids |= set(configured if isinstance(configured, list) else [configured])
         return {i for i in ids if i is not None}
 
-    def generate(self, prompt: str | list[str], images: list | list[list] | None = None, *,
+    def generate(self, prompt: str | list[str], images: list | list[list] | None = None, *, video=None,
                  max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int | None = None, system: str | None = None) -> str | list[str]:
-        """Answer one prompt (images: a list) or a batch (prompt: a list, images: a list per prompt)."""
+        """Answer one prompt (images: a list; video: a path, bytes or uint8 tensor [T, 3, H, W]) or a
+        batch (prompt: a list; images: a list per prompt; video: one per prompt, None for none)."""
         if isinstance(prompt, str):
-            return "".join(self.stream(prompt, images, max_new_tokens=max_new_tokens, temperature=temperature,
-                                       top_k=top_k, top_p=top_p, seed=seed, system=system))
+            return "".join(self.stream(prompt, images, video=video, max_new_tokens=max_new_tokens,
+                                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, system=system))
         per_row = images if images is not None else [[] for _ in prompt]
-        if len(per_row) != len(prompt):
-            raise InputError("images", f"{len(per_row)} image lists for {len(prompt)} prompts")
-        conversations = [self.user_messages(p, list(i or []), system) for p, i in zip(prompt, per_row)]
+        videos = video if video is not None else [None for _ in prompt]
+        if len(per_row) != len(prompt) or len(videos) != len(prompt):
+            raise InputError("images", f"{len(per_row)} image lists and {len(videos)} videos for {len(prompt)} prompts")
+        conversations = [self.user_messages(p, list(i or []), system, [v] if v is not None else [])
+                         for p, i, v in zip(prompt, per_row, videos)]
         return self._complete(conversations, max_new_tokens, Sampler(temperature, top_k, top_p, seed))
 
     def chat(self, messages: list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0,
@@ -275,11 +349,12 @@ class MultimodalModel(nn.Module):
         """The assistant's next reply to a transformers-style conversation."""
         return self._complete([messages], max_new_tokens, Sampler(temperature, top_k, top_p, seed))[0]
 
-    def stream(self, prompt: str, images: list | None = None, *, max_new_tokens: int = 64,
+    def stream(self, prompt: str, images: list | None = None, *, video=None, max_new_tokens: int = 64,
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                system: str | None = None) -> Iterator[str]:
         """Yield the reply piece by piece as it is generated."""
-        batch = self.prepare([self.user_messages(prompt, list(images or []), system)], max_new_tokens)
+        videos = [video] if video is not None else []
+        batch = self.prepare([self.user_messages(prompt, list(images or []), system, videos)], max_new_tokens)
         stop = self.eos_token_ids()
         tokens = (int(t[0]) for t in self.decode(batch, max_new_tokens, Sampler(temperature, top_k, top_p, seed)))
         yield from incremental_text(self.tokenizer, _until(tokens, stop))

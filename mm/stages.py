@@ -2,10 +2,10 @@
 
 A stage is data: which modules train, which loss, which data, which schedule. A Task builds the
 trained module(s) for a stage, turns raw shard samples into examples (in data workers), collates
-them, and computes the loss. Two kinds serve the image stages:
+them, and computes the loss. Two kinds serve every stage:
 
-    LMTask    image_pretrain / image_anneal / image_sft: next-token loss on caption or answer
-              tokens of the frozen decoder, through the adapters
+    LMTask    image_pretrain / image_anneal / image_sft / video_pretrain / video_sft: next-token
+              loss on caption or answer tokens of the frozen decoder, through the adapters
     ClipTask  vision_clip: open_clip's CLIP model and its contrastive loss
 """
 from __future__ import annotations
@@ -19,24 +19,45 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mm.config import ModelConfig, apply_overrides, from_dict, read_yaml
-from mm.data import decode_image, sample_json
+from mm.data import decode_image, decode_video, sample_json
 from mm.errors import ConfigError, InputError
 from vision import ImageProcessor, VisionConfig
 from vision.tiling import aspect_ratio_id
 from vision.transforms import TiledImages
 
-STAGES = ("vision_clip", "image_pretrain", "image_anneal", "image_sft")
+STAGES = ("vision_clip", "image_pretrain", "image_anneal", "image_sft", "video_pretrain", "video_sft")
 IGNORE = -100
+
+
+@dataclass
+class AugmentConfig:
+    """Random affine jitter of each training image before tiling (off by default). Small data
+    needs it: without it CLIP memorises the training scans and its features get worse on new ones."""
+
+    degrees: float = 0.0  # rotation in [-degrees, degrees]
+    translate: float = 0.0  # shift up to this fraction of width / height
+    scale: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    fill: int = 0  # grey level of the pixels the transform uncovers (255 for paper scans)
+
+    def transform(self):
+        if self.degrees == 0 and self.translate == 0 and self.scale == [1.0, 1.0]:
+            return None
+        from torchvision.transforms import RandomAffine
+
+        t = self.translate
+        return RandomAffine(self.degrees, (t, t) if t else None, tuple(self.scale), fill=self.fill)
 
 
 @dataclass
 class DataConfig:
     shards: list[str] = field(default_factory=list)  # .tar files, brace patterns or folders
     kind: str = "captions"  # captions | qa
+    media: str = "image"  # image | video: what the shards' samples hold
     batch_size: int = 32  # global: split across processes
     workers: int = 2
     shuffle_buffer: int = 1000
     seed: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
@@ -91,12 +112,21 @@ class StageConfig:
             problems.append(f"loss '{self.loss}' is not lm or clip")
         if self.data.kind not in ("captions", "qa"):
             problems.append(f"data.kind '{self.data.kind}' is not captions or qa")
+        if self.data.media not in ("image", "video"):
+            problems.append(f"data.media '{self.data.media}' is not image or video")
+        if self.stage.startswith("video") != (self.data.media == "video"):
+            problems.append(f"stage {self.stage} needs data.media: {'video' if self.stage.startswith('video') else 'image'}")
+        if self.data.media == "video" and self.data.augment.transform() is not None:
+            problems.append("data.augment applies to images only")
         if self.loss == "clip" and self.data.kind != "captions":
             problems.append("the clip loss needs data.kind: captions")
         if any(p == "decoder" or p.startswith("decoder.") for p in self.train):
             problems.append("the decoder is frozen: 'decoder' cannot be in train")
         if not self.data.shards:
             problems.append("data.shards is empty")
+        a = self.data.augment
+        if len(a.scale) != 2 or not 0 < a.scale[0] <= a.scale[1] or not 0 <= a.translate < 1 or not 0 <= a.fill <= 255:
+            problems.append("data.augment needs scale [lo, hi] with 0 < lo <= hi, 0 <= translate < 1, fill 0..255")
         if self.optim.steps < 1 or self.data.batch_size < 1:
             problems.append("optim.steps and data.batch_size must be >= 1")
         if problems:
@@ -156,8 +186,9 @@ class LMObjective(nn.Module):
         self.model = model
         self._prefixes: dict[tuple[int, ...], list] = {}
 
-    def forward(self, ids, attention_mask, labels, tiles, aspect_ratio_ids, n_tiles, image_rows, **_) -> tuple:
-        images = TiledImages(tiles, aspect_ratio_ids, n_tiles)
+    def forward(self, ids, attention_mask, labels, tiles=None, aspect_ratio_ids=None, n_tiles=None, image_rows=None,
+                videos=None, video_rows=None, **_) -> tuple:
+        images = TiledImages(tiles, aspect_ratio_ids, n_tiles) if tiles is not None else None
         start = self.shared_prefix(ids, attention_mask)
         prefix = None
         if start >= self.min_shared_prefix:
@@ -167,7 +198,7 @@ class LMObjective(nn.Module):
             prefix = self._prefixes[key]
         else:
             start = 0
-        hidden = self.model.hidden_states(ids, attention_mask, images, image_rows, prefix)
+        hidden = self.model.hidden_states(ids, attention_mask, images, image_rows, prefix, videos, video_rows)
         target = labels[:, start + 1:]
         keep = target != IGNORE
         logits = self.model.decoder.lm_head(hidden[:, :-1][keep])
@@ -186,29 +217,37 @@ class LMObjective(nn.Module):
 class LMExamples:
     """Raw shard sample -> example: image tiles, token ids and labels (runs in data workers)."""
 
-    def __init__(self, model, kind: str, max_tokens: int) -> None:
+    def __init__(self, model, kind: str, max_tokens: int, augment=None, media: str = "image") -> None:
         self.tokenizer, self.kind, self.max_tokens = model.tokenizer, kind, max_tokens
-        self.image_id = model.media_token_ids["image"]
+        self.augment, self.media = augment, media
+        self.media_id = model.media_token_ids[media]
+        self.frame_processor, self.frames = model.frame_processor, model.config.video.frames
         self.eos_id = model.tokenizer.eos_token_id
         self.processor = model.image_processor
         self.render, self.user_messages = model.render, model.user_messages
 
     def __call__(self, sample: dict) -> dict:
-        tiles, grid_id, n_tiles = self._image(decode_image(sample))
+        if self.media == "video":
+            example = {"frames": self.frame_processor.tiles(decode_video(sample, self.frames).frames)}
+        else:
+            image = decode_image(sample)
+            tiles, grid_id, n_tiles = self._image(self.augment(image) if self.augment else image)
+            example = {"tiles": tiles, "aspect_ratio_id": grid_id, "n_tiles": n_tiles}
         fields = sample_json(sample)
         if self.kind == "captions":
-            prompt = [self.image_id]
+            prompt = [self.media_id]
             target = fields["caption"]
         else:
-            text, _ = self.render(self.user_messages(fields["question"], [None]))
+            media = {"image": [None], "video": []} if self.media == "image" else {"image": [], "video": [None]}
+            text, _ = self.render(self.user_messages(fields["question"], media["image"], videos=media["video"]))
             prompt = self.tokenizer(text, add_special_tokens=False).input_ids
             target = fields["answer"]
         answer = self.tokenizer(str(target), add_special_tokens=False).input_ids + [self.eos_id]
         ids = (prompt + answer)[: self.max_tokens]
         labels = ([IGNORE] * len(prompt) + answer)[: self.max_tokens]
-        if self.image_id not in ids:
+        if self.media_id not in ids:
             raise InputError(sample.get("__key__", "sample"), "prompt longer than max_text_tokens")
-        return {"ids": ids, "labels": labels, "tiles": tiles, "aspect_ratio_id": grid_id, "n_tiles": n_tiles}
+        return {"ids": ids, "labels": labels, **example}
 
     def _image(self, image):
         tiles, grid = self.processor.tile(image)
@@ -216,7 +255,7 @@ class LMExamples:
 
 
 def collate_lm(examples: list[dict], pad_id: int) -> dict:
-    """Right-padded ids/labels/mask and stacked tiles; one image per example."""
+    """Right-padded ids/labels/mask and stacked tiles (or frames); one image or video per example."""
     width = max(len(e["ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -224,13 +263,16 @@ def collate_lm(examples: list[dict], pad_id: int) -> dict:
     for i, e in enumerate(examples):
         n = len(e["ids"])
         ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(e["ids"]), torch.tensor(e["labels"]), 1
+    batch = {"ids": ids, "labels": labels, "attention_mask": mask, "examples": len(examples)}
+    if "frames" in examples[0]:
+        return {**batch, "videos": torch.stack([e["frames"] for e in examples]),
+                "video_rows": torch.arange(len(examples))}
     return {
-        "ids": ids, "labels": labels, "attention_mask": mask,
+        **batch,
         "tiles": torch.stack([e["tiles"] for e in examples]),
         "aspect_ratio_ids": torch.tensor([e["aspect_ratio_id"] for e in examples]),
         "n_tiles": torch.tensor([e["n_tiles"] for e in examples]),
         "image_rows": torch.arange(len(examples)),
-        "examples": len(examples),
     }
 
 
@@ -265,12 +307,14 @@ class ClipObjective(nn.Module):
 
 
 class ClipExamples:
-    def __init__(self, vision: VisionConfig, clip: ClipConfig) -> None:
+    def __init__(self, vision: VisionConfig, clip: ClipConfig, augment=None) -> None:
         self.processor = ImageProcessor(vision.image_size, 1, vision.mean, vision.std)
+        self.augment = augment
         self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=clip.context_length)
 
     def __call__(self, sample: dict) -> dict:
-        tiles, _ = self.processor.tile(decode_image(sample))
+        image = decode_image(sample)
+        tiles, _ = self.processor.tile(self.augment(image) if self.augment else image)
         return {"image": tiles[0], "text": self.tokenizer([sample_json(sample)["caption"]])[0]}
 
 

@@ -57,7 +57,7 @@ class Task:
             self.clip = clip_model(cfg.model.vision, cfg.clip)
             self.objective = ClipObjective(self.clip)
             self.trainable = dict(self.clip.named_parameters())
-            self.decode, self.collate = ClipExamples(cfg.model.vision, cfg.clip), collate_clip
+            self.decode, self.collate = ClipExamples(cfg.model.vision, cfg.clip, cfg.data.augment.transform()), collate_clip
         else:
             if cfg.init:  # the stage's own model config: it may raise the resolution or swap the decoder
                 self.model = load_checkpoint(cfg.init, config=cfg.model, force=bool(cfg.decoder))
@@ -66,7 +66,8 @@ class Task:
             self.objective = LMObjective(self.model)
             self.trainable = select_trainable(self.model, cfg.train)
             pad = self.model.tokenizer.pad_token_id or 0
-            self.decode = LMExamples(self.model, cfg.data.kind, cfg.max_text_tokens)
+            self.decode = LMExamples(self.model, cfg.data.kind, cfg.max_text_tokens, cfg.data.augment.transform(),
+                                     cfg.data.media)
             self.collate = lambda examples: collate_lm(examples, pad)
 
     def trained_tensors(self) -> dict[str, torch.Tensor]:

@@ -137,9 +137,9 @@ class TileEmbedding(nn.Module):
         nn.init.normal_(self.embedding.weight, std=width**-0.5)
 
     def forward(self, x: Tensor, aspect_ratio_ids: Tensor) -> Tensor:
-        """x [n, tiles, tokens, width]."""
+        """x [n, tiles, tokens, width]; tiles may be fewer than max_tiles (video frames: 1)."""
         e = self.embedding(aspect_ratio_ids).view(-1, self.max_tiles, 1, self.width)
-        return x + self.gate.tanh() * e
+        return x + self.gate.tanh() * e[:, : x.shape[1]]
 
 
 class GatedPositionalEmbedding(nn.Module):
@@ -156,7 +156,7 @@ class GatedPositionalEmbedding(nn.Module):
         """x [n, tiles, tokens, width], positional [tokens, width]."""
         g = self.gate.tanh()
         tile_pos = self.tile_embedding(aspect_ratio_ids).view(-1, self.max_tiles, self.tokens, self.width)
-        return x + (1 - g) * positional + g * tile_pos
+        return x + (1 - g) * positional + g * tile_pos[:, : x.shape[1]]
 
 
 class ImageEncoder(nn.Module):
