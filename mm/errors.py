@@ -25,6 +25,20 @@ class CheckpointError(InputError):
     """A checkpoint that is missing, corrupt, unsafe, or made for another decoder."""
 
 
+def existing_file(source, kind: str):
+    """Path of a user's input file, or InputError: missing, a directory, or zero bytes."""
+    from pathlib import Path
+
+    path = Path(source)
+    if not path.exists():
+        raise InputError(path, "no such file")
+    if path.is_dir():
+        raise InputError(path, f"is a directory, not {kind} file")
+    if path.stat().st_size == 0:
+        raise InputError(path, "empty file (zero bytes)")
+    return path
+
+
 def _describe(source: object) -> str:
     if isinstance(source, (str, os.PathLike)):
         return str(source)

@@ -32,7 +32,7 @@ from mm.checkpoint import load_tensors, write_dir_atomically
 from mm.data import ShardBatches, batch_loader, expand_shards, to_tensor_dict
 from mm.errors import CheckpointError
 from mm.stages import (ClipExamples, ClipObjective, LMExamples, LMObjective, StageConfig, all_reduce_sum,
-                       clip_model, collate_clip, collate_lm, image_tower_tensors, load_stage_config,
+                       clip_model, collate_clip, collate_lm, image_tower_tensors,
                        select_trainable, world)
 
 STATE_FILE = "trainer.safetensors"
@@ -235,6 +235,21 @@ class RunLog:
 
 
 # ---- the loop ---------------------------------------------------------------------------------------
+def run_summary(run: Path) -> dict:
+    """A run's figures from its metrics.jsonl: steps, batch, training seconds, median step time,
+    peak memory, first and last loss, skipped samples."""
+    records = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+    step_times = sorted(r["step_time"] for r in records)
+    return {
+        "steps": records[-1]["step"], "batch_size": records[-1]["samples"],
+        "train_seconds": round(sum(step_times), 1),
+        "median_step_seconds": round(step_times[len(step_times) // 2], 3),
+        "peak_memory_mb": round(max(r.get("peak_memory_mb", 0) for r in records)),
+        "first_loss": round(records[0]["loss"], 4), "last_loss": round(records[-1]["loss"], 4),
+        "skipped_samples": records[-1]["skipped"],
+    }
+
+
 def peak_memory_mb() -> float:
     """Peak resident memory of this process (CPU) or peak allocated GPU memory, in MiB."""
     if torch.cuda.is_available():

@@ -75,10 +75,12 @@ def make_data() -> None:
 STAGES = ["vision_clip", "image_pretrain", "image_sft"]
 
 
-def train(run: Path, steps: dict[str, int] | None = None, extra: list[str] = ()) -> dict:
-    """Run the three stages in order into run/<stage>, each initialised from the one before."""
-    times, previous = {}, None
-    for stage in STAGES:
+def train(run: Path, steps: dict[str, int] | None = None, extra: list[str] = (), stages: list[str] = STAGES,
+          init: Path | None = None) -> dict:
+    """Run configs/stages/digits_<stage>.yaml in order into run/<stage>, each initialised from the
+    one before (the first from `init`, if given); returns each stage's wall seconds."""
+    times, previous = {}, init
+    for stage in stages:
         overrides = [f"output={run / stage}", *extra]
         if previous:
             overrides.append(f"init={previous}")
@@ -102,19 +104,9 @@ def evaluate(model: Path, limit: int = 0) -> dict:
 
 def training_stats(run: Path) -> dict:
     """Per stage, from its metrics.jsonl: steps, wall time, median step time, peak memory, last loss."""
-    stats = {}
-    for stage in STAGES:
-        records = [json.loads(line) for line in (run / stage / "metrics.jsonl").read_text().splitlines()]
-        step_times = sorted(r["step_time"] for r in records)
-        stats[stage] = {
-            "steps": records[-1]["step"], "batch_size": records[-1]["samples"],
-            "train_seconds": round(sum(step_times), 1),
-            "median_step_seconds": round(step_times[len(step_times) // 2], 3),
-            "peak_memory_mb": round(max(r.get("peak_memory_mb", 0) for r in records)),
-            "first_loss": round(records[0]["loss"], 4), "last_loss": round(records[-1]["loss"], 4),
-            "skipped_samples": records[-1]["skipped"],
-        }
-    return stats
+    from mm.train import run_summary
+
+    return {stage: run_summary(run / stage) for stage in STAGES}
 
 
 def report(run: Path) -> dict:
@@ -152,7 +144,7 @@ def demo() -> None:
           f"({100 * result['accuracy']:.1f}%); total {time.time() - start:.0f} s")
 
 
-DEMO_STEPS = {"vision_clip": 200, "image_pretrain": 100, "image_sft": 120}
+DEMO_STEPS = {"vision_clip": 400, "image_pretrain": 100, "image_sft": 120}
 
 
 def main() -> None:

@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -134,20 +133,12 @@ def make_data(n_train: int = 3000, n_held_out: int = 300) -> None:
         print(f"{name}: {report.written} clips in {report.shards} shards, {report.skipped} skipped")
 
 
-def train(steps: dict[str, int] | None = None, extra: list[str] = ()) -> dict:
+def train(extra: list[str] = ()) -> dict:
+    from digits import train as train_stages
+
     if not (IMAGE_MODEL / "config.yaml").is_file():
         sys.exit(f"{IMAGE_MODEL}: no image model; run `python scripts/digits.py all` first")
-    times, previous = {}, IMAGE_MODEL
-    for stage in STAGES:
-        overrides = [f"output={RUN / stage}", f"init={previous}", *extra]
-        if steps:
-            overrides.append(f"optim.steps={steps[stage]}")
-        start = time.time()
-        cmd = [sys.executable, "-m", "mm", "train", str(ROOT / "configs/stages" / f"digits_{stage}.yaml"), *overrides]
-        subprocess.run(cmd, check=True, cwd=ROOT)
-        times[stage] = round(time.time() - start, 1)
-        previous = RUN / stage / "final"
-    return times
+    return train_stages(RUN, extra=extra, stages=STAGES, init=IMAGE_MODEL)
 
 
 def held_out_rows() -> list[dict]:
@@ -189,19 +180,9 @@ def _acc(results: list[dict]) -> float:
 
 
 def training_stats() -> dict:
-    stats = {}
-    for stage in STAGES:
-        records = [json.loads(line) for line in (RUN / stage / "metrics.jsonl").read_text().splitlines()]
-        step_times = sorted(r["step_time"] for r in records)
-        stats[stage] = {
-            "steps": records[-1]["step"], "batch_size": records[-1]["samples"],
-            "train_seconds": round(sum(step_times), 1),
-            "median_step_seconds": round(step_times[len(step_times) // 2], 3),
-            "peak_memory_mb": round(max(r.get("peak_memory_mb", 0) for r in records)),
-            "first_loss": round(records[0]["loss"], 4), "last_loss": round(records[-1]["loss"], 4),
-            "skipped_samples": records[-1]["skipped"],
-        }
-    return stats
+    from mm.train import run_summary
+
+    return {stage: run_summary(RUN / stage) for stage in STAGES}
 
 
 def report() -> dict:

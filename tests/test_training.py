@@ -251,7 +251,6 @@ def test_two_processes_give_the_losses_of_one(tmp_path, shards):
 
 
 def test_shared_prefix_reuse_gives_the_same_loss_and_gradients(shards):
-    from mm.data import decode_image, sample_json  # noqa: F401  (examples are built from shard samples)
     from mm.stages import LMExamples, LMObjective, collate_lm
     from tests.conftest import open_gates
 

@@ -290,3 +290,19 @@ def test_video_stage_config_checks(tmp_path, video_shards):
         load_stage_config(video_stage(tmp_path, video_shards, data={"shards": ["x"], "media": "image"}))
     with pytest.raises(mm.ConfigError, match="multiple of merge"):
         load_stage_config(video_stage(tmp_path, video_shards, model={"base": "tiny", "video": {"frames": 5}}))
+
+
+def test_cli_data_from_a_video_manifest_and_eval_on_video_qa(tmp_path, clip_files, capsys):
+    import json
+
+    from mm.evaluate import EvalConfig, evaluate
+
+    manifest = tmp_path / "clips.jsonl"
+    rows = [{"video": str(clip_files[ext]), "question": "What happens?", "answer": "it brightens"} for ext in CONTAINERS]
+    rows.append({"video": str(tmp_path / "gone.mp4"), "question": "q", "answer": "a"})
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["data", "qa", str(manifest), str(tmp_path / "shards")]) == 0
+    out = capsys.readouterr()
+    assert "wrote 5 samples" in out.out and "skipped 1" in out.out and "gone.mp4: no such file" in out.err
+    result = evaluate(EvalConfig(model="tiny", shards=[str(tmp_path / "shards")], max_new_tokens=2, batch_size=2))
+    assert result["samples"] == 5 and 0 <= result["correct"] <= 5

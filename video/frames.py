@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
-from mm.errors import InputError
+from mm.errors import InputError, existing_file
 from vision.transforms import MAX_PIXELS
 
 av.logging.set_level(av.logging.PANIC)  # problems reach the user as InputError, not FFmpeg's stderr
@@ -58,39 +59,18 @@ def load_video(source, frames: int) -> VideoClip:
         return _decode(lambda: io.BytesIO(source), "video data", frames)
     if not isinstance(source, (str, os.PathLike)):
         raise InputError(type(source).__name__, "not a video: expected a path, bytes or uint8 tensor")
-    path = Path(source)
-    if not path.exists():
-        raise InputError(path, "no such file")
-    if path.is_dir():
-        raise InputError(path, "is a directory, not a video file")
-    if path.stat().st_size == 0:
-        raise InputError(path, "empty file (zero bytes)")
+    path = existing_file(source, "a video")
     return _decode(lambda: str(path), path, frames)
 
 
 def probe_video(path) -> None:
     """Cheap check of a video file before a model is loaded: it exists, has a video stream of a
     sane size, and its first frame decodes. Raises InputError naming the file."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(path, "no such file")
-    if path.is_dir():
-        raise InputError(path, "is a directory, not a video file")
-    if path.stat().st_size == 0:
-        raise InputError(path, "empty file (zero bytes)")
-    try:
-        with av.open(str(path), mode="r") as container:
-            stream = _video_stream(container, path)
-            if next(iter(container.decode(stream)), None) is None:
-                raise InputError(path, "no decodable video frames")
-    except InputError:
-        raise
-    except av.error.InvalidDataError as e:
-        raise InputError(path, f"not a video or corrupt ({e.strerror or e})") from None
-    except av.error.EOFError:
-        raise InputError(path, "no decodable video frames (the file ends before its first frame)") from None
-    except (av.error.FFmpegError, OSError, ValueError) as e:
-        raise InputError(path, f"cannot decode video ({e})") from None
+    path = existing_file(path, "a video")
+    with _ffmpeg_errors(path), av.open(str(path), mode="r") as container:
+        stream = _video_stream(container, path)
+        if next(iter(container.decode(stream)), None) is None:
+            raise InputError(path, "no decodable video frames")
 
 
 def video_from_bytes(data: bytes, name: str, frames: int) -> VideoClip:
@@ -100,8 +80,23 @@ def video_from_bytes(data: bytes, name: str, frames: int) -> VideoClip:
     return _decode(lambda: io.BytesIO(data), name, frames)
 
 
-def _decode(opener, name, frames: int) -> VideoClip:
+@contextmanager
+def _ffmpeg_errors(name):
+    """FFmpeg's exceptions -> InputError naming the input."""
     try:
+        yield
+    except av.error.InvalidDataError as e:
+        raise InputError(name, f"not a video or corrupt ({e.strerror or e})") from None
+    except av.error.EOFError:
+        raise InputError(name, "no decodable video frames (the file ends before its first frame)") from None
+    except av.error.DecoderNotFoundError as e:
+        raise InputError(name, f"unsupported video codec ({e})") from None
+    except (av.error.FFmpegError, OSError, ValueError) as e:
+        raise InputError(name, f"cannot decode video ({e})") from None
+
+
+def _decode(opener, name, frames: int) -> VideoClip:
+    with _ffmpeg_errors(name):
         n = _count_frames(opener, name)
         if n == 0:
             raise InputError(name, "no decodable video frames")
@@ -117,16 +112,6 @@ def _decode(opener, name, frames: int) -> VideoClip:
                     stamps[i] = float(frame.time) if frame.time is not None else float("nan")
                 if i >= wanted[-1]:
                     break
-    except InputError:
-        raise
-    except av.error.InvalidDataError as e:
-        raise InputError(name, f"not a video or corrupt ({e.strerror or e})") from None
-    except av.error.EOFError:
-        raise InputError(name, "no decodable video frames (the file ends before its first frame)") from None
-    except av.error.DecoderNotFoundError as e:
-        raise InputError(name, f"unsupported video codec ({e})") from None
-    except (av.error.FFmpegError, OSError, ValueError) as e:
-        raise InputError(name, f"cannot decode video ({e})") from None
     if len(keep) < len(targets):  # the second pass decoded fewer frames than the first counted
         raise InputError(name, f"video ended early: {len(keep)} of {len(targets)} sampled frames decoded")
     return VideoClip(torch.stack([keep[i] for i in wanted]), torch.tensor([stamps[i] for i in wanted]),

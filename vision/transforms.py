@@ -4,14 +4,13 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from mm.errors import InputError
+from mm.errors import InputError, existing_file
 from vision.tiling import aspect_ratio_id, best_grid, fit_size
 
 # Refuse images whose header claims more pixels than this (decompression bombs); 8k x 8k.
@@ -31,13 +30,7 @@ def load_image(source) -> Image.Image:
         return _from_tensor(source)
     if not isinstance(source, (str, os.PathLike)):
         raise InputError(type(source).__name__, "not an image: expected a path, PIL.Image or uint8 tensor")
-    path = Path(source)
-    if not path.exists():
-        raise InputError(path, "no such file")
-    if path.is_dir():
-        raise InputError(path, "is a directory, not an image file")
-    if path.stat().st_size == 0:
-        raise InputError(path, "empty file")
+    path = existing_file(source, "an image")
     return _open(path, path)
 
 
