@@ -6,6 +6,7 @@ A checkpoint directory holds:
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -81,7 +82,8 @@ def read_checkpoint_meta(path: str | Path) -> dict:
 
 
 def checkpoint_chain(path: Path) -> list[tuple[Path, dict]]:
-    """The checkpoint and the ones it was initialised from (`init`), oldest first."""
+    """The checkpoint and the ones it was initialised from (`init`, absolute or relative to the
+    checkpoint's own directory), oldest first."""
     chain, seen = [], set()
     while path is not None:
         if path.resolve() in seen:
@@ -89,7 +91,8 @@ def checkpoint_chain(path: Path) -> list[tuple[Path, dict]]:
         seen.add(path.resolve())
         meta = read_checkpoint_meta(path)
         chain.append((path, meta))
-        path = Path(meta["init"]) if meta.get("init") else None
+        # an absolute init replaces path; a relative one is taken from this checkpoint's directory
+        path = Path(os.path.normpath(path / meta["init"])) if meta.get("init") else None
     return chain[::-1]
 
 

@@ -181,6 +181,17 @@ def save_run_checkpoint(task: Task, optimizer, progress: Progress, out: Path) ->
     return path
 
 
+def copy_as_final(source: Path, tmp: Path, final: Path) -> None:
+    """The last step checkpoint's files, with `init` made relative to final/: a tree of runs
+    (runs/digits/{vision_clip,image_pretrain,image_sft}) can then be moved or copied whole."""
+    for f in source.iterdir():
+        shutil.copy2(f, tmp / f.name)
+    meta = yaml.safe_load((source / CONFIG_FILE).read_text())
+    if meta.get("init"):
+        meta["init"] = os.path.relpath(meta["init"], final.resolve())
+        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(meta, sort_keys=False))
+
+
 def resume(task: Task, optimizer, path: Path) -> Progress:
     meta = yaml.safe_load((path / CONFIG_FILE).read_text())
     trained = load_tensors(path / WEIGHTS_FILE)
@@ -322,7 +333,7 @@ def train(cfg: StageConfig) -> Path:
         source = latest_checkpoint(out)
         if source is None:
             raise CheckpointError(out, "the run ended before its first checkpoint")
-        write_dir_atomically(final, lambda tmp: [shutil.copy2(f, tmp / f.name) for f in source.iterdir()])
+        write_dir_atomically(final, lambda tmp: copy_as_final(source, tmp, final))
     if size > 1:
         dist.barrier()
     return final

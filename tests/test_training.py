@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -190,6 +191,13 @@ def test_clip_tower_becomes_the_image_encoder_then_anneal_and_sft_hot_swap(tmp_p
     tuned = mm.load(sft)
     assert torch.equal(tuned.decoder.model.embed_tokens.weight, decoder.model.embed_tokens.weight)
     assert tuned.decoder_sha256() != annealed.decoder_sha256()
+
+    moved = tmp_path / "elsewhere"  # final/ names the stage it came from relative to itself
+    moved.mkdir()
+    for name in ("clip", "pre"):
+        shutil.move(tmp_path / name, moved / name)
+    again = mm.load(moved / "pre" / "final")
+    assert all(torch.equal(again.adapter_state_dict()[k], v) for k, v in own.items())
 
 
 def test_average_of_checkpoints(tmp_path, shards):
