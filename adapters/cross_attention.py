@@ -113,14 +113,18 @@ class CrossAttention(nn.Module):
 class CrossAttentionBlock(nn.Module):
     """RMSNorm -> cross-attention -> tanh gate, then RMSNorm -> SwiGLU -> tanh gate.
 
-    Shapes: x [b, q, d] -> [b, q, d]. Rows that see no media get exactly zero update.
+    Shapes: x [b, q, d] -> [b, q, d]. Rows that see no media get exactly zero update, unless
+    `attend_without_media`: then such rows keep their attention branch (attending to every media
+    token, padding included) and only their MLP branch is zeroed, as in transformers'
+    MllamaForConditionalGeneration (needed to reproduce its outputs exactly).
     """
 
     def __init__(
         self, *, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, mlp_dim: int,
-        norm_eps: float = 1e-5,
+        norm_eps: float = 1e-5, attend_without_media: bool = False,
     ) -> None:
         super().__init__()
+        self.attend_without_media = attend_without_media
         self.input_layernorm = LlamaRMSNorm(dim, eps=norm_eps)
         self.cross_attn = CrossAttention(
             dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, norm_eps=norm_eps
@@ -132,7 +136,9 @@ class CrossAttentionBlock(nn.Module):
 
     def forward(self, x: Tensor, media: MediaContext) -> Tensor:
         k, v = media.keys_values(self)
-        h = self.cross_attn(self.input_layernorm(x), k, v, media.mask) * media.row_on
+        h = self.cross_attn(self.input_layernorm(x), k, v, media.mask)
+        if not self.attend_without_media:
+            h = h * media.row_on
         x = x + self.attn_gate(h)
         h = self.mlp(self.post_attention_layernorm(x)) * media.row_on
         return x + self.mlp_gate(h)

@@ -29,6 +29,10 @@ REGISTRIES: dict[type, str] = {VisionConfig: "vision"}
 @dataclass
 class ImageAdapterConfig:
     every: int = 4  # a cross-attention block before every k-th decoder layer (k-1, 2k-1, ...)
+    layers: list[int] | None = None  # explicit decoder layers preceded by a block (instead of
+    # every); non-decreasing, a layer listed twice gets two blocks (imported Llama 3.2 Vision)
+    attend_without_media: bool = False  # rows that see no media keep the attention branch
+    # (transformers' Mllama does); by default they get no update at all
 
 
 @dataclass
@@ -44,8 +48,15 @@ class ModelConfig:
     def validate(self, source: str) -> None:
         problems = [f"vision: {p}" for p in self.vision.validate()]
         problems += [f"video: {p}" for p in self.video.validate()]
+        width = self.video.width or self.vision.output_dim
+        if not problems and width % self.video.heads:
+            problems.append(f"video: aggregator width {width} (0: the encoder's output width) is not divisible "
+                            f"by heads {self.video.heads}")
         if self.image_adapter.every < 1:
             problems.append("image_adapter.every must be >= 1")
+        layers = self.image_adapter.layers
+        if layers is not None and (any(i < 0 for i in layers) or layers != sorted(layers)):
+            problems.append("image_adapter.layers must be non-negative and non-decreasing")
         if problems:
             raise ConfigError(source, "; ".join(problems))
 

@@ -20,9 +20,9 @@ from transformers import DynamicCache
 
 from adapters import CrossAttentionBlock, CrossAttentionFusion, MediaContext, MediaTokenEmbedding
 from mm.checkpoint import fingerprint
-from mm.config import ModelConfig
+from mm.config import ImageAdapterConfig, ModelConfig
 from mm.decoders import freeze
-from mm.errors import InputError
+from mm.errors import ConfigError, InputError
 from mm.generation import Sampler, incremental_text
 from video import FrameProcessor, TemporalAggregator
 from vision import ImageEncoder, ImageProcessor
@@ -35,6 +35,16 @@ MEDIA_TOKENS = {"image": "<|image|>", "video": "<|video|>", "audio": "<|audio|>"
 def cross_attention_layers(n_layers: int, every: int) -> list[int]:
     """Decoder layers preceded by a cross-attention block: k-1, 2k-1, ... (3, 7, ..., 31 for 32 / 4)."""
     return [i for i in range(n_layers) if (i + 1) % every == 0]
+
+
+def image_adapter_layers(adapter: ImageAdapterConfig, n_layers: int) -> list[int]:
+    """The decoder layers preceded by an image block: the explicit list, else every k-th."""
+    if adapter.layers is None:
+        return cross_attention_layers(n_layers, adapter.every)
+    outside = [i for i in adapter.layers if not 0 <= i < n_layers]
+    if outside:
+        raise ConfigError("image_adapter.layers", f"{outside} outside the decoder's layers 0..{n_layers - 1}")
+    return list(adapter.layers)
 
 
 @dataclass
@@ -63,19 +73,20 @@ class MultimodalModel(nn.Module):
         self.media_token_ids = {m: tokenizer.convert_tokens_to_ids(t) for m, t in MEDIA_TOKENS.items()}
         dc = decoder.config
         table = decoder.get_input_embeddings().weight
-        self.image_layers = cross_attention_layers(dc.num_hidden_layers, config.image_adapter.every)
+        self.image_layers = image_adapter_layers(config.image_adapter, dc.num_hidden_layers)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.media_embedding = MediaTokenEmbedding(list(self.media_token_ids.values()), table.mean(0))
             self.encoders = nn.ModuleDict({"image": ImageEncoder(config.vision)})
             self.projectors = nn.ModuleDict({"image": nn.Linear(config.vision.output_dim, dc.hidden_size)})
+            attend = config.image_adapter.attend_without_media
             self.xattn = nn.ModuleDict({"image": nn.ModuleList(
-                [self._block(dc) for _ in self.image_layers])})
+                [self._block(dc, attend) for _ in self.image_layers])})
             # video: frames through the image encoder, merged in time, own blocks (zero gates)
             # before every k-th image block; built after the image path so its init is unchanged
             self.video_layers = self.image_layers[config.video.every - 1:: config.video.every]
             self.aggregator = TemporalAggregator(config.video, config.vision.output_dim, config.vision.tokens_per_tile)
-            self.projectors["video"] = nn.Linear(config.video.width, dc.hidden_size)
+            self.projectors["video"] = nn.Linear(self.aggregator.width, dc.hidden_size)
             self.xattn["video"] = nn.ModuleList([self._block(dc) for _ in self.video_layers])
         self.to(table.device, table.dtype)
         self.fusion = CrossAttentionFusion(decoder.model.layers)
@@ -87,11 +98,11 @@ class MultimodalModel(nn.Module):
         self._decoder_sha256: str | None = None
 
     @staticmethod
-    def _block(dc) -> CrossAttentionBlock:
+    def _block(dc, attend_without_media: bool = False) -> CrossAttentionBlock:
         return CrossAttentionBlock(
             dim=dc.hidden_size, n_heads=dc.num_attention_heads, n_kv_heads=dc.num_key_value_heads,
             head_dim=getattr(dc, "head_dim", None) or dc.hidden_size // dc.num_attention_heads,
-            mlp_dim=dc.intermediate_size, norm_eps=dc.rms_norm_eps,
+            mlp_dim=dc.intermediate_size, norm_eps=dc.rms_norm_eps, attend_without_media=attend_without_media,
         )
 
     # ---- what trains, what is saved -------------------------------------------------------
@@ -99,6 +110,26 @@ class MultimodalModel(nn.Module):
         super().train(mode)
         self.decoder.eval()  # frozen: no dropout, whatever the mode of the rest
         return self
+
+    @torch.no_grad()
+    def init_video_from_image(self) -> list[str]:
+        """Start the video path from the trained image path: each video block from the image
+        block of its layer, the video projector from the image projector (when the aggregator
+        works in the encoder's width). Gates stay closed, so the model's outputs are unchanged;
+        with the aggregator starting as the mean of each run of frames, the video blocks can
+        read a merged frame the way the image blocks read an image from the first step on.
+        Returns the names of the tensors copied."""
+        copied = []
+        image_blocks = dict(zip(self.image_layers, self.xattn["image"]))
+        for layer, block in zip(self.video_layers, self.xattn["video"]):
+            source = image_blocks[layer].state_dict()
+            block.load_state_dict({k: (v if not k.endswith("gate.scale") else torch.zeros_like(v))
+                                   for k, v in source.items()})
+            copied += [f"xattn.video.{self.video_layers.index(layer)}.{k}" for k in source]
+        if self.projectors["video"].weight.shape == self.projectors["image"].weight.shape:
+            self.projectors["video"].load_state_dict(self.projectors["image"].state_dict())
+            copied += ["projectors.video.weight", "projectors.video.bias"]
+        return copied
 
     def adapter_state_dict(self) -> dict[str, Tensor]:
         """Everything but the decoder (which a checkpoint identifies by hash instead)."""

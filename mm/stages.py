@@ -103,6 +103,8 @@ class StageConfig:
     log_every: int = 10
     max_text_tokens: int = 256
     clip: ClipConfig = field(default_factory=ClipConfig)
+    init_video_from_image: bool = False  # video_pretrain: video blocks/projector start as copies of
+    # the trained image blocks of their layers and the image projector (gates still closed)
 
     def validate(self, source: str) -> None:
         problems = []
@@ -116,6 +118,8 @@ class StageConfig:
             problems.append(f"data.media '{self.data.media}' is not image or video")
         if self.stage.startswith("video") != (self.data.media == "video"):
             problems.append(f"stage {self.stage} needs data.media: {'video' if self.stage.startswith('video') else 'image'}")
+        if self.init_video_from_image and self.stage != "video_pretrain":
+            problems.append("init_video_from_image is for video_pretrain (it replaces the video path)")
         if self.data.media == "video" and self.data.augment.transform() is not None:
             problems.append("data.augment applies to images only")
         if self.loss == "clip" and self.data.kind != "captions":

@@ -63,6 +63,8 @@ class Task:
                 self.model = load_checkpoint(cfg.init, config=cfg.model, force=bool(cfg.decoder))
             else:
                 self.model = build(cfg.model)
+            if cfg.init_video_from_image:
+                self.model.init_video_from_image()
             self.objective = LMObjective(self.model)
             self.trainable = select_trainable(self.model, cfg.train)
             pad = self.model.tokenizer.pad_token_id or 0

@@ -136,10 +136,23 @@ def test_bad_video_tensors(tiny):
 
 
 # ---- the aggregator ----------------------------------------------------------------------------------
+def test_aggregator_starts_as_the_mean_of_each_run_of_frames():
+    torch.manual_seed(0)
+    agg = TemporalAggregator(VideoConfig(frames=8, merge=4, width=0, heads=4, layers=2), in_dim=24,
+                             tokens_per_frame=5)
+    frames = torch.randn(2, 8, 5, 24)
+    means = frames.view(2, 2, 4, 5, 24).mean(2).reshape(2, 10, 24)
+    assert torch.allclose(agg(frames), means + agg.latents.repeat(2, 1), atol=1e-6)
+
+
 def test_aggregator_merges_runs_of_frames_and_sees_their_order():
     torch.manual_seed(0)
     agg = TemporalAggregator(VideoConfig(frames=8, merge=4, width=32, heads=4, layers=2), in_dim=24,
                              tokens_per_frame=5)
+    with torch.no_grad():  # as after training: the zero-initialised branches and embeddings open
+        for p in agg.parameters():
+            if not p.any():
+                p.normal_(0, 0.1)
     frames = torch.randn(2, 8, 5, 24)
     out = agg(frames)
     assert out.shape == (2, 2 * 5, 32)
@@ -147,6 +160,22 @@ def test_aggregator_merges_runs_of_frames_and_sees_their_order():
     assert not torch.allclose(agg(swapped)[:, :5], out[:, :5], atol=1e-4)
     assert torch.allclose(agg(swapped)[0, 5:], out[0, 5:], atol=1e-5)  # the other run is untouched
     assert agg(torch.randn(1, 16, 5, 24), merge=8).shape == (1, 2 * 5, 32)  # any merge length
+
+
+def test_video_path_can_start_from_the_image_path(tmp_path):
+    model = mm.load("tiny", overrides=["video.width=0"])
+    open_gates(model, 0.4)
+    with torch.no_grad():
+        for block in model.xattn["video"]:
+            block.attn_gate.scale.zero_()
+            block.mlp_gate.scale.zero_()
+    copied = model.init_video_from_image()
+    assert "projectors.video.weight" in copied
+    assert torch.equal(model.projectors["video"].weight, model.projectors["image"].weight)
+    for layer, block in zip(model.video_layers, model.xattn["video"]):
+        twin = model.xattn["image"][model.image_layers.index(layer)]
+        assert torch.equal(block.cross_attn.q_proj.weight, twin.cross_attn.q_proj.weight)
+        assert block.attn_gate.scale.item() == 0 and block.mlp_gate.scale.item() == 0
 
 
 # ---- video cross-attention --------------------------------------------------------------------------

@@ -1,11 +1,17 @@
 """The temporal aggregator: a perceiver resampler that merges each run of M frames into one.
 
     frame states [n, F, N, d_vis] (the image encoder's tokens of every frame)
-      -> linear to the aggregator width, + time-in-group and group embeddings
+      -> linear to the aggregator width (none when width is 0: the encoder's own width),
+         + time-in-group and group embeddings
       -> per group of M consecutive frames: N latent queries (a learned table plus the mean
          of the group's frames, token by token) attend to the group's M*N frame tokens and
          to themselves, `layers` times (perceiver layers: attention, then MLP, pre-norm)
       -> [n, (F / M) * N, width]
+
+At initialisation the aggregator is the mean of each run of frames: the attention and MLP
+outputs, the time and group embeddings start at zero and the latent table near it. In the
+encoder's own width its output is then what the image path already reads (a mean frame), and
+training adds what time tells.
 
 Without the time embedding, attention over a group would be blind to frame order (it is a set
 operation); with it, "which digit came first" is answerable. The time embedding is a learned
@@ -26,7 +32,7 @@ from torch import Tensor, nn
 class VideoConfig:
     frames: int = 16  # F frames sampled uniformly per clip (the paper: up to 64)
     merge: int = 16  # M consecutive frames merged into one (paper: 16 pretraining, 32 fine-tuning)
-    width: int = 256  # aggregator width
+    width: int = 0  # aggregator width; 0: the image encoder's output width (no input projection)
     layers: int = 2
     heads: int = 4
     mlp_ratio: float = 4.0
@@ -37,8 +43,8 @@ class VideoConfig:
         problems = []
         if self.frames < 1 or self.merge < 1 or self.frames % self.merge:
             problems.append(f"frames ({self.frames}) must be a positive multiple of merge ({self.merge})")
-        if self.width % self.heads:
-            problems.append(f"width {self.width} is not divisible by heads {self.heads}")
+        if self.width < 0 or (self.width and self.width % self.heads):
+            problems.append(f"width {self.width} is not 0 or a positive multiple of heads {self.heads}")
         if self.layers < 1 or self.every < 1 or self.chunk < 1:
             problems.append("layers, every and chunk must be >= 1")
         return problems
@@ -68,6 +74,10 @@ class PerceiverLayer(nn.Module):
         self.o_proj = nn.Linear(width, width, bias=False)
         self.norm_mlp = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, width))
+        for out in (self.o_proj, self.mlp[-1]):  # residual branches start closed
+            nn.init.zeros_(out.weight)
+            if out.bias is not None:
+                nn.init.zeros_(out.bias)
 
     def forward(self, latents: Tensor, media: Tensor) -> Tensor:
         n, q_len, w = latents.shape
@@ -84,14 +94,18 @@ class TemporalAggregator(nn.Module):
     def __init__(self, config: VideoConfig, in_dim: int, tokens_per_frame: int) -> None:
         super().__init__()
         self.config = config
-        w = config.width
-        self.input = nn.Linear(in_dim, w)
+        self.width = w = config.width or in_dim
+        if w % config.heads:
+            raise ValueError(f"aggregator width {w} is not divisible by heads {config.heads}")
+        self.input = nn.Linear(in_dim, w) if w != in_dim else nn.Identity()
         self.latents = nn.Parameter(torch.randn(tokens_per_frame, w) * 0.02)
         self.time = nn.Linear(w, w)  # sinusoids of the position within the group -> embedding
         self.group = nn.Linear(w, w)  # sinusoids of the group index -> embedding
+        for embedding in (self.time, self.group):
+            nn.init.zeros_(embedding.weight)
+            nn.init.zeros_(embedding.bias)
         mlp = int(w * config.mlp_ratio)
         self.layers = nn.ModuleList([PerceiverLayer(w, config.heads, mlp) for _ in range(config.layers)])
-        self.norm = nn.LayerNorm(w)
 
     def forward(self, frames: Tensor, merge: int | None = None) -> Tensor:
         """frames [n, T, N, d_vis] -> [n, (T / M) * N, width]."""
@@ -99,7 +113,7 @@ class TemporalAggregator(nn.Module):
         m = merge or self.config.merge
         if t % m:
             raise ValueError(f"{t} frames are not a multiple of merge {m}")
-        g, w = t // m, self.config.width
+        g, w = t // m, self.width
         x = self.input(frames)
         index = torch.arange(t, device=x.device)
         x = x + self.time(sinusoids((index % m + 0.5) / m, w).to(x.dtype))[None, :, None]
@@ -109,4 +123,4 @@ class TemporalAggregator(nn.Module):
         media = x.reshape(n * g, m * tokens, w)
         for layer in self.layers:
             latents = layer(latents, media)
-        return self.norm(latents).view(n, g * tokens, w)
+        return latents.view(n, g * tokens, w)
