@@ -44,16 +44,18 @@ def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
 
 
 def write_dir_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Build a directory in a sibling temp dir, then swap it in; an old one is removed only after."""
+    """Build a directory (subdirectories allowed) in a sibling temp dir, then swap it in; an old
+    one is removed only after."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     old = path.with_name(f".{path.name}.old")
     try:
         write(tmp)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        for f in sorted(tmp.rglob("*")):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
         if old.exists():
             shutil.rmtree(old)
         if path.exists():

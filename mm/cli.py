@@ -86,6 +86,38 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_mllama(args: argparse.Namespace) -> int:
+    from mm.mllama import import_mllama
+
+    import_mllama(args.hf_dir, args.out, tokenizer=args.tokenizer)
+    print(f"wrote {args.out} (decoder in {args.out}/decoder); load it with mm.load({str(args.out)!r})")
+    return 0
+
+
+def cmd_export_mllama(args: argparse.Namespace) -> int:
+    import torch
+
+    from mm.mllama import export_mllama
+
+    left_out = export_mllama(args.checkpoint, args.out, dtype=getattr(torch, args.dtype), force=args.force)
+    print(f"wrote {args.out} (MllamaForConditionalGeneration)")
+    if left_out:
+        print(f"left out (no Mllama counterpart): {', '.join(left_out)}")
+    return 0
+
+
+def cmd_import_open_clip(args: argparse.Namespace) -> int:
+    import mm
+    from vision.openclip import load_open_clip, open_clip_tensors
+
+    open_clip_tensors(args.source)  # refuse a bad file before building the model
+    model = mm.load(args.model, overrides=args.overrides)
+    load_open_clip(model.encoders["image"], args.source)
+    model.save(args.out)
+    print(f"wrote {args.out}: {args.model} with the open_clip image tower of {args.source}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mm", description="Multimodal adapters on a frozen Llama decoder.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -128,6 +160,26 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("config")
     ev.add_argument("overrides", nargs="*", metavar="key=value")
     ev.set_defaults(func=cmd_eval)
+
+    im = sub.add_parser("import-mllama", help="convert a transformers Llama 3.2 Vision (Mllama) checkpoint")
+    im.add_argument("hf_dir", help="MllamaForConditionalGeneration directory (config.json + .safetensors)")
+    im.add_argument("out", help="mm checkpoint directory to write (the decoder goes in OUT/decoder)")
+    im.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory, when HF_DIR has none")
+    im.set_defaults(func=cmd_import_mllama)
+
+    ex = sub.add_parser("export-mllama", help="write an mm checkpoint as a transformers Mllama directory")
+    ex.add_argument("checkpoint")
+    ex.add_argument("out")
+    ex.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    ex.add_argument("--force", action="store_true", help="load a checkpoint trained on another decoder")
+    ex.set_defaults(func=cmd_export_mllama)
+
+    oc = sub.add_parser("import-open-clip", help="a model whose image encoder trunk is an open_clip ViT")
+    oc.add_argument("source", help="open_clip state dict (.safetensors) or pretrained NAME:TAG (network)")
+    oc.add_argument("out", help="checkpoint directory to write (use it as a stage's init)")
+    oc.add_argument("--model", default="smollm2", help="model name or config whose vision sizes match")
+    oc.add_argument("overrides", nargs="*", metavar="key=value")
+    oc.set_defaults(func=cmd_import_open_clip)
     return parser
 
 

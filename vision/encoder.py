@@ -9,7 +9,16 @@
 All tiles of one image attend to each other; unused tiles are masked out. The trunk's
 parameter names are those of open_clip's VisionTransformer (conv1, class_embedding,
 positional_embedding, ln_pre, transformer.resblocks.N.{ln_1,attn,ln_2,mlp}, ln_post), so an
-open_clip image tower's state dict loads into it directly.
+open_clip image tower's state dict loads into it directly (vision/openclip.py).
+
+Three options reproduce the released Llama 3.2 Vision encoder (transformers'
+MllamaVisionModel) exactly; their defaults keep the behaviour above:
+    attn_bias: false      no biases on the attention projections
+    pad_tokens_to: 8      each tile's tokens are zero-padded to a multiple of 8 after ln_pre;
+                          the padding runs through the layers and is dropped from the output
+    padding_mask: pairs   attention is blocked only between two padding tokens (tokens of unused
+                          tiles or padding positions): real tokens also attend to padding, as
+                          Llama 3.2 was trained. The default, keys, hides padding from everyone.
 """
 from __future__ import annotations
 
@@ -43,6 +52,11 @@ class VisionConfig:
     norm_eps: float = 1e-5
     mean: list[float] | None = None
     std: list[float] | None = None
+    act: str = "gelu"  # MLP activation: gelu (exact) | gelu_tanh | quick_gelu (OpenAI CLIP)
+    attn_bias: bool = True  # biases on the q/k/v and output projections (Llama 3.2 Vision: none)
+    pad_tokens_to: int = 1  # pad each tile's tokens to a multiple of this (Llama 3.2 Vision: 8)
+    padding_mask: str = "keys"  # keys: padding is never attended to; pairs: only padding->padding
+    # is blocked (Llama 3.2 Vision)
 
     def __post_init__(self) -> None:
         self.taps = list(self.taps if self.taps is not None else [])
@@ -60,6 +74,12 @@ class VisionConfig:
             problems.append(f"taps {bad} outside 0..{self.layers}")
         if self.max_tiles < 1:
             problems.append("max_tiles must be >= 1")
+        if self.act not in ACTIVATIONS:
+            problems.append(f"act '{self.act}' is not one of {', '.join(ACTIVATIONS)}")
+        if self.pad_tokens_to < 1:
+            problems.append("pad_tokens_to must be >= 1")
+        if self.padding_mask not in ("keys", "pairs"):
+            problems.append(f"padding_mask '{self.padding_mask}' is not keys or pairs")
         return problems
 
     @property
@@ -70,16 +90,30 @@ class VisionConfig:
     def output_dim(self) -> int:
         return self.width * (1 + len(self.taps))
 
+    @property
+    def padded_tokens_per_tile(self) -> int:
+        return -(-self.tokens_per_tile // self.pad_tokens_to) * self.pad_tokens_to
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the activation of OpenAI's CLIP ViTs."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "quick_gelu": QuickGELU}
+
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention with a fused input projection (open_clip / nn.MultiheadAttention names)."""
 
-    def __init__(self, width: int, heads: int) -> None:
+    def __init__(self, width: int, heads: int, bias: bool = True) -> None:
         super().__init__()
         self.heads = heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
-        self.out_proj = nn.Linear(width, width)
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width)) if bias else None
+        self.out_proj = nn.Linear(width, width, bias=bias)
         nn.init.xavier_uniform_(self.in_proj_weight)
 
     def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
@@ -93,13 +127,14 @@ class SelfAttention(nn.Module):
 class ViTLayer(nn.Module):
     """Pre-norm transformer layer: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
-    def __init__(self, width: int, heads: int, mlp_dim: int, eps: float) -> None:
+    def __init__(self, width: int, heads: int, mlp_dim: int, eps: float, act: str = "gelu",
+                 attn_bias: bool = True) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(width, eps=eps)
-        self.attn = SelfAttention(width, heads)
+        self.attn = SelfAttention(width, heads, attn_bias)
         self.ln_2 = nn.LayerNorm(width, eps=eps)
-        self.mlp = nn.Sequential(
-            OrderedDict(c_fc=nn.Linear(width, mlp_dim), gelu=nn.GELU(), c_proj=nn.Linear(mlp_dim, width))
+        self.mlp = nn.Sequential(  # "gelu" is open_clip's name for the activation, whichever it is
+            OrderedDict(c_fc=nn.Linear(width, mlp_dim), gelu=ACTIVATIONS[act](), c_proj=nn.Linear(mlp_dim, width))
         )
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -110,8 +145,9 @@ class ViTLayer(nn.Module):
 class GatedViTLayer(ViTLayer):
     """A ViTLayer whose two residual branches are scaled by tanh gates (start at pi/4, as in Llama 3.2)."""
 
-    def __init__(self, width: int, heads: int, mlp_dim: int, eps: float) -> None:
-        super().__init__(width, heads, mlp_dim, eps)
+    def __init__(self, width: int, heads: int, mlp_dim: int, eps: float, act: str = "gelu",
+                 attn_bias: bool = True) -> None:
+        super().__init__(width, heads, mlp_dim, eps, act, attn_bias)
         self.gate_attn = nn.Parameter(torch.full((1,), math.pi / 4))
         self.gate_ffn = nn.Parameter(torch.full((1,), math.pi / 4))
 
@@ -178,41 +214,63 @@ class ImageEncoder(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(c.width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(c.tokens_per_tile, c.width))
         self.ln_pre = nn.LayerNorm(c.width, eps=c.norm_eps)
-        self.transformer = Transformer([ViTLayer(c.width, c.heads, c.mlp_dim, c.norm_eps) for _ in range(c.layers)])
+        layer = dict(width=c.width, heads=c.heads, mlp_dim=c.mlp_dim, eps=c.norm_eps, act=c.act, attn_bias=c.attn_bias)
+        self.transformer = Transformer([ViTLayer(**layer) for _ in range(c.layers)])
         self.ln_post = nn.LayerNorm(c.width, eps=c.norm_eps)
         # tiling and global layers
         self.pre_tile_embedding = TileEmbedding(n_ratios, c.max_tiles, c.width)
         self.tile_positional_embedding = GatedPositionalEmbedding(n_ratios, c.max_tiles, c.tokens_per_tile, c.width)
         self.post_tile_embedding = TileEmbedding(n_ratios, c.max_tiles, c.width)
         self.global_transformer = Transformer(
-            [GatedViTLayer(c.width, c.heads, c.mlp_dim, c.norm_eps) for _ in range(c.global_layers)]
+            [GatedViTLayer(**layer) for _ in range(c.global_layers)]
         )
 
     def forward(self, tiles: Tensor, aspect_ratio_ids: Tensor, n_tiles: Tensor) -> Tensor:
         """tiles [n, T, 3, S, S], aspect_ratio_ids [n], n_tiles [n] -> [n, T * tokens, output_dim]."""
+        c = self.config
         n, t = tiles.shape[:2]
         x = self.conv1(tiles.flatten(0, 1).to(self.conv1.weight.dtype))  # (n*T, w, g, g)
-        x = x.flatten(2).transpose(1, 2).view(n, t, -1, self.config.width)  # (n, T, P, w)
+        x = x.flatten(2).transpose(1, 2).view(n, t, -1, c.width)  # (n, T, P, w)
         x = self.pre_tile_embedding(x, aspect_ratio_ids)
         cls = self.class_embedding.to(x.dtype).expand(n, t, 1, -1)
         x = torch.cat([cls, x], dim=2)  # (n, T, P+1, w)
         x = self.tile_positional_embedding(x, self.positional_embedding, aspect_ratio_ids)
-        x = self.ln_pre(x).flatten(1, 2)  # (n, T*(P+1), w)
-        mask = self._tile_mask(n_tiles, t, x.shape[1] // t)
+        x = self.ln_pre(x)
+        pad = c.padded_tokens_per_tile - c.tokens_per_tile
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad))  # zero tokens after each tile's own: (n, T, P+1+pad, w)
+        x = x.flatten(1, 2)  # (n, T*(P+1+pad), w)
+        mask = self._attention_mask(n_tiles, t)
 
         taps = []
         for i, layer in enumerate(self.transformer.resblocks):
-            if i in self.config.taps:
+            if i in c.taps:
                 taps.append(x)
             x = layer(x, mask)
-        if self.config.layers in self.config.taps:
+        if c.layers in c.taps:
             taps.append(x)
 
-        x = self.ln_post(x).view(n, t, -1, self.config.width)
+        x = self.ln_post(x).view(n, t, -1, c.width)
         x = self.post_tile_embedding(x, aspect_ratio_ids).flatten(1, 2)
         for layer in self.global_transformer.resblocks:
             x = layer(x, mask)
-        return torch.cat([x, *taps], dim=-1)
+        out = torch.cat([x, *taps], dim=-1)
+        if pad:  # drop the padding tokens
+            out = out.view(n, t, c.padded_tokens_per_tile, -1)[:, :, : c.tokens_per_tile].flatten(1, 2)
+        return out
+
+    def _attention_mask(self, n_tiles: Tensor, max_tiles: int) -> Tensor:
+        """Bool mask (True = may attend) over the padded token sequence: [n, 1, 1, L] for
+        padding_mask keys, [n, 1, L, L] for pairs."""
+        c = self.config
+        if c.padding_mask == "keys" and c.pad_tokens_to == 1:
+            return self._tile_mask(n_tiles, max_tiles, c.tokens_per_tile)
+        per_tile = c.padded_tokens_per_tile
+        real = self._tile_mask(n_tiles, max_tiles, per_tile)[:, 0, 0]  # (n, L): token of a used tile
+        real = real & (torch.arange(per_tile, device=real.device) < c.tokens_per_tile).repeat(max_tiles)
+        if c.padding_mask == "keys":
+            return real[:, None, None, :]
+        return (real[:, :, None] | real[:, None, :])[:, None]
 
     def resize_tensor(self, name: str, tensor: Tensor) -> Tensor:
         """Resample a positional tensor trained at another tile resolution to this encoder's
