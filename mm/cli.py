@@ -50,6 +50,26 @@ def _bare_reply(model, question: str, max_new_tokens: int) -> str:
     return model.tokenizer.decode(out[0, batch.ids.shape[1]:], skip_special_tokens=True)
 
 
+def cmd_talk(args: argparse.Namespace) -> int:
+    """Speech in: print what was said, then the reply; --speak also says the reply with espeak-ng."""
+    import mm
+    from speech.audio import load_audio
+    from speech.speak import speak, speaker_problem
+
+    load_audio(args.audio)  # refuse a bad recording before spending time loading the model
+    if args.speak and speaker_problem():
+        raise mm.InputError(args.speak, speaker_problem())
+    model = mm.load(args.model, force=args.force)
+    transcript = model.transcribe(args.audio, language=args.language)
+    print(f"you said: {transcript}", flush=True)
+    reply = model.generate("", audio=args.audio, max_new_tokens=args.max_new_tokens)
+    print(f"reply: {reply}")
+    if args.speak:
+        speak(reply, args.speak, voice=args.voice)
+        print(f"spoken reply: {args.speak}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from mm.stages import load_stage_config
     from mm.train import train
@@ -137,6 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--force", action="store_true", help="load a checkpoint trained on another decoder")
     ask.set_defaults(func=cmd_ask)
 
+    talk = sub.add_parser("talk", help="speech in: the transcript, then the reply to what was said")
+    talk.add_argument("audio", help="a recording (wav, flac, ogg, mp3, ...), resampled to 16 kHz mono")
+    talk.add_argument("--model", default="smollm2", help="model name or checkpoint directory (a speech_sft final/)")
+    talk.add_argument("--language", default="English")
+    talk.add_argument("--max-new-tokens", type=int, default=128)
+    talk.add_argument("--speak", metavar="OUT.wav", help="also speak the reply into this file (espeak-ng)")
+    talk.add_argument("--voice", default="en-us", help="espeak-ng voice of --speak")
+    talk.add_argument("--force", action="store_true", help="load a checkpoint trained on another decoder")
+    talk.set_defaults(func=cmd_talk)
+
     tr = sub.add_parser("train", help="run (or resume) a training stage; torchrun -m mm.train for N processes")
     tr.add_argument("config")
     tr.add_argument("overrides", nargs="*", metavar="key=value")
@@ -144,9 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="build webdataset shards from a folder or a manifest")
     data.add_argument("kind", choices=["captions", "qa"],
-                      help="captions: media+caption; qa: media+question+answer (media: an image or a video)")
-    data.add_argument("source", help="folder of images/videos (+ same-name .txt captions), or a .jsonl/.csv "
-                                     "manifest whose rows name an 'image' or a 'video'")
+                      help="captions: media+caption (for audio: the transcript); qa: media+question+answer "
+                           "(for audio: the typed question and the reply); media: an image, a video or audio")
+    data.add_argument("source", help="folder of images/videos/audio (+ same-name .txt captions), or a .jsonl/.csv "
+                                     "manifest whose rows name an 'image', a 'video' or an 'audio' file")
     data.add_argument("out", help="output folder for the .tar shards")
     data.add_argument("--per-shard", type=int, default=1000)
     data.set_defaults(func=cmd_data)

@@ -8,6 +8,7 @@ configs/<registry>/ (e.g. `vision: vit_tiny` reads configs/vision/vit_tiny.yaml)
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,13 +18,14 @@ from typing import Any
 import yaml
 
 from mm.errors import ConfigError
+from speech.conformer import SpeechConfig
 from video.aggregator import VideoConfig
 from vision.encoder import VisionConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 # dataclass -> folder of configs/ that holds named files of it
-REGISTRIES: dict[type, str] = {VisionConfig: "vision"}
+REGISTRIES: dict[type, str] = {VisionConfig: "vision", SpeechConfig: "speech"}
 
 
 @dataclass
@@ -43,11 +45,13 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     image_adapter: ImageAdapterConfig = field(default_factory=ImageAdapterConfig)
     video: VideoConfig = field(default_factory=VideoConfig)  # frames, aggregator, video adapter placement
+    speech: SpeechConfig = field(default_factory=SpeechConfig)  # Conformer, speech adapter, how it attaches
     seed: int = 0  # initialisation of the adapters
 
     def validate(self, source: str) -> None:
         problems = [f"vision: {p}" for p in self.vision.validate()]
         problems += [f"video: {p}" for p in self.video.validate()]
+        problems += [f"speech: {p}" for p in self.speech.validate()]
         width = self.video.width or self.vision.output_dim
         if not problems and width % self.video.heads:
             problems.append(f"video: aggregator width {width} (0: the encoder's output width) is not divisible "
@@ -147,6 +151,8 @@ def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value):
+        return float(value)  # YAML 1.1 reads 3e-3 (no dot) as a string
     if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
         raise ConfigError(source, f"'{key}' must be {tp.__name__}, got {type(value).__name__} {value!r}")
     return value

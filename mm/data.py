@@ -1,9 +1,12 @@
 """Training data: webdataset shards, written from folders/manifests and read back as batches.
 
-A sample in a shard is `<key>.<image or video ext>` (the original file's bytes, checked when
-written) plus `<key>.json`: {"caption": ...} for media-text pairs, {"question": ..., "answer": ...}
-for media QA. A manifest row names its file under "image" or "video"; a folder holds image
-and video files with same-named .txt captions.
+A sample in a shard is `<key>.<image, video or audio ext>` (the original file's bytes, checked
+when written) plus `<key>.json`: {"caption": ...} for media-text pairs (for audio: the
+transcript), {"question": ..., "answer": ...} for media QA (for spoken dialogue: the typed text
+of what is spoken, and the reply). A manifest row names its file under "image", "video" or
+"audio"; a folder holds image, video and audio files with same-named .txt captions. Audio whose
+extension is also a video container's (.webm, .mp4, ...) is stored as "audio.<ext>", so that
+no reader takes it for a video.
 
 Reading is one readable list of steps (webdataset stages):
 
@@ -35,12 +38,16 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mm.errors import InputError
+from speech.audio import AUDIO_EXTENSIONS, audio_from_bytes, load_audio
 from video.frames import VIDEO_EXTENSIONS, VideoClip, load_video, video_from_bytes
 from vision.transforms import image_from_bytes, load_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # .gif is read as an image in image shards' folders; as a video only when a manifest says "video"
 FOLDER_VIDEO_EXTENSIONS = tuple(e for e in VIDEO_EXTENSIONS if e != ".gif")
+# .webm in a folder is a video; as audio only when a manifest says "audio"
+FOLDER_AUDIO_EXTENSIONS = tuple(e for e in AUDIO_EXTENSIONS if e not in VIDEO_EXTENSIONS)
+MEDIA_KINDS = ("image", "video", "audio")
 
 
 # ---- writing ---------------------------------------------------------------------------------
@@ -52,13 +59,15 @@ class WriteReport:
 
 
 def read_manifest(path: str | Path) -> Iterator[dict]:
-    """Rows of a .jsonl or .csv manifest, or (for a folder) each image or video with its caption
-    from the same-named .txt file. Media paths in manifests are relative to the manifest's folder."""
+    """Rows of a .jsonl or .csv manifest, or (for a folder) each image, video or audio file with its
+    caption from the same-named .txt file. Media paths in manifests are relative to the manifest's folder."""
     path = Path(path)
     if path.is_dir():
-        for media in sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS + FOLDER_VIDEO_EXTENSIONS):
+        kinds = {**{e: "image" for e in IMAGE_EXTENSIONS}, **{e: "video" for e in FOLDER_VIDEO_EXTENSIONS},
+                 **{e: "audio" for e in FOLDER_AUDIO_EXTENSIONS}}
+        for media in sorted(p for p in path.rglob("*") if p.suffix.lower() in kinds):
             caption = media.with_suffix(".txt")
-            kind = "video" if media.suffix.lower() in FOLDER_VIDEO_EXTENSIONS else "image"
+            kind = kinds[media.suffix.lower()]
             yield {kind: str(media), "caption": caption.read_text().strip() if caption.is_file() else None}
         return
     if not path.is_file():
@@ -71,7 +80,7 @@ def read_manifest(path: str | Path) -> Iterator[dict]:
         raise InputError(path, "unsupported manifest (expected a folder, .jsonl or .csv)")
     for row in rows:
         row = dict(row)
-        for kind in ("image", "video"):
+        for kind in MEDIA_KINDS:
             if row.get(kind) and not Path(row[kind]).is_absolute():
                 row[kind] = str(path.parent / row[kind])
         yield row
@@ -81,8 +90,9 @@ def write_shards(rows: Iterable[dict], out_dir: str | Path, kind: str, prefix: s
                  per_shard: int = 1000, log: Callable[[str], None] = print) -> WriteReport:
     """Check each row's media file and fields, and write the good ones into tar shards.
 
-    kind: "captions" (needs caption) or "qa" (needs question, answer); each row names an "image"
-    or a "video" file (decoded once here, so a corrupt or frame-less file is skipped now).
+    kind: "captions" (needs caption) or "qa" (needs question, answer); each row names an "image",
+    a "video" or an "audio" file (decoded once here, so a corrupt, frame-less, empty, silent or
+    too long file is skipped now).
     """
     fields = {"captions": ("caption",), "qa": ("question", "answer")}[kind]
     out_dir = Path(out_dir)
@@ -91,27 +101,38 @@ def write_shards(rows: Iterable[dict], out_dir: str | Path, kind: str, prefix: s
     report = WriteReport()
     with wds.ShardWriter(pattern, maxcount=per_shard, verbose=0) as sink:
         for i, row in enumerate(rows):
-            media = "video" if row.get("video") else "image"
+            media = next((m for m in ("video", "audio") if row.get(m)), "image")
             missing = [f for f in (media, *fields) if not row.get(f)]
             try:
                 if missing:
                     raise InputError(row.get(media, f"row {i}"), f"missing {', '.join(missing)}")
                 # refuse missing, corrupt, truncated, oversized or frame-less files now
-                load_image(row[media]) if media == "image" else load_video(row[media], 1)
+                {"image": load_image, "video": lambda p: load_video(p, 1), "audio": load_audio}[media](row[media])
             except InputError as e:
                 report.skipped += 1
                 log(f"skipped: {e}")
                 continue
-            ext = Path(row[media]).suffix.lower().lstrip(".") or "png"
-            if media == "video" and "." + ext not in VIDEO_EXTENSIONS:
-                ext = "mp4"  # the container is probed from the bytes, the name only marks it a video
-            elif media == "video" and ext == "gif":
-                ext = "video.gif"  # a gif as a video, not as an image
+            ext = _shard_extension(media, Path(row[media]).suffix.lower())
             sink.write({"__key__": f"{i:09d}", ext: Path(row[media]).read_bytes(),
                         "json": json.dumps({f: row[f] for f in fields}).encode()})
             report.written += 1
         report.shards = sink.shard
     return report
+
+
+def _shard_extension(media: str, suffix: str) -> str:
+    """The member name a media file gets in a shard (the bytes are probed when read; the name
+    only has to say which kind of media they are)."""
+    ext = suffix.lstrip(".")
+    if media == "image":
+        return ext or "png"
+    if media == "video":
+        if suffix not in VIDEO_EXTENSIONS:
+            return "mp4"
+        return "video.gif" if ext == "gif" else ext  # a gif as a video, not as an image
+    if suffix in FOLDER_AUDIO_EXTENSIONS:
+        return ext
+    return f"audio.{ext}" if ext else "audio"  # .webm, .mp4, ... or no extension: never a video
 
 
 def expand_shards(specs: Iterable[str]) -> list[str]:
@@ -157,7 +178,13 @@ def raw_samples(urls: list[str], seed: int, shuffle_buffer: int, skipped: SkipCo
         stream = wds.tarfile_samples([{"url": u} for u in order], handler=skipped)
         if shuffle_buffer > 1:
             stream = wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=rng)(stream)
-        yield from stream
+        count = 0
+        for sample in stream:
+            count += 1
+            yield sample
+        if count == 0:  # another epoch would find nothing either: stop instead of spinning forever
+            raise InputError(urls[0] if len(urls) == 1 else f"{len(urls)} shards",
+                             f"no readable samples ({skipped.count} unreadable)")
 
 
 def image_bytes(sample: dict) -> tuple[str, bytes]:
@@ -184,6 +211,20 @@ def decode_video(sample: dict, frames: int) -> VideoClip:
     return video_from_bytes(data, f"{sample.get('__url__', 'shard')}:{sample.get('__key__', '?')}.{ext}", frames)
 
 
+def audio_bytes(sample: dict) -> tuple[str, bytes]:
+    for key, value in sample.items():
+        k = key.lower()
+        if k == "audio" or k.startswith("audio.") or "." + k in FOLDER_AUDIO_EXTENSIONS:
+            return key, value
+    raise InputError(sample.get("__key__", "sample"), "no audio in sample")
+
+
+def decode_audio(sample: dict) -> torch.Tensor:
+    """The sample's recording -> float32 [n] mono at 16 kHz (InputError naming shard:key.ext)."""
+    ext, data = audio_bytes(sample)
+    return audio_from_bytes(data, f"{sample.get('__url__', 'shard')}:{sample.get('__key__', '?')}.{ext}")
+
+
 def sample_json(sample: dict) -> dict:
     try:
         return json.loads(sample["json"])
@@ -201,12 +242,13 @@ class ShardBatches(IterableDataset):
 
     def __init__(self, urls: list[str], *, batch_size: int, decode: Callable, collate: Callable,
                  seed: int = 0, shuffle_buffer: int = 1000, rank: int = 0, world_size: int = 1,
-                 start_batch: int = 0) -> None:
+                 start_batch: int = 0, group_by_size: int = 0) -> None:
         if batch_size % world_size:
             raise InputError("data.batch_size", f"{batch_size} is not divisible by {world_size} processes")
         self.urls, self.batch_size, self.decode, self.collate = urls, batch_size, decode, collate
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
+        self.group_by_size = group_by_size
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -214,8 +256,7 @@ class ShardBatches(IterableDataset):
         skipped = SkipCounter()
         stream = raw_samples(self.urls, self.seed, self.shuffle_buffer, skipped)
         per_rank = self.batch_size // self.world_size
-        for index in itertools.count():
-            raw = list(itertools.islice(stream, self.batch_size))
+        for index, raw in enumerate(self._raw_batches(stream)):
             unreadable = skipped.take()  # shard members that failed while reading this batch
             if index < self.start_batch or index % workers != worker:
                 continue
@@ -230,6 +271,23 @@ class ShardBatches(IterableDataset):
             batch["skipped"] = corrupt
             batch["batch_index"] = index
             yield batch
+
+
+    def _raw_batches(self, stream: Iterator[dict]) -> Iterator[list[dict]]:
+        """Global batches of raw samples. With group_by_size = G, G batches' worth of samples are
+        sorted by the size of their bytes (a recording's or clip's length, roughly) and cut into
+        batches of similar sizes, which are then shuffled (seeded): padding, the cost of a batch
+        of recordings, stays small. The order still depends only on the seed."""
+        if not self.group_by_size:
+            while True:
+                yield list(itertools.islice(stream, self.batch_size))
+        rng = random.Random(self.seed)
+        while True:
+            window = list(itertools.islice(stream, self.batch_size * self.group_by_size))
+            window.sort(key=lambda sample: sum(len(v) for v in sample.values() if isinstance(v, bytes)))
+            batches = [window[i:i + self.batch_size] for i in range(0, len(window), self.batch_size)]
+            rng.shuffle(batches)
+            yield from batches
 
 
 def batch_loader(dataset: ShardBatches, workers: int) -> DataLoader:

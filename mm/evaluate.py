@@ -1,4 +1,4 @@
-"""Free-text answer accuracy of a model on image-QA or video-QA shards.
+"""Free-text answer accuracy of a model on image-QA or video-QA shards; word error rate.
 
     mm eval configs/eval/digits.yaml [key=value ...]
 
@@ -39,6 +39,24 @@ def normalise(text: str) -> str:
 
 def is_correct(reply: str, expected: str) -> bool:
     return f" {normalise(expected)} " in f" {normalise(reply)} "
+
+
+def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
+    """(substitutions + deletions + insertions, reference words) after normalise(): the
+    numerator and denominator of word error rate (Levenshtein distance over words)."""
+    ref, hyp = normalise(reference).split(), normalise(hypothesis).split()
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
+    return row[-1], len(ref)
+
+
+def word_error_rate(pairs: list[tuple[str, str]]) -> float:
+    """Corpus WER of (reference, hypothesis) pairs: total errors / total reference words."""
+    errors, words = map(sum, zip(*(word_errors(r, h) for r, h in pairs))) if pairs else (0, 0)
+    return errors / max(1, words)
 
 
 def is_video(sample: dict) -> bool:

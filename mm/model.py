@@ -24,12 +24,15 @@ from mm.config import ImageAdapterConfig, ModelConfig
 from mm.decoders import freeze
 from mm.errors import ConfigError, InputError
 from mm.generation import Sampler, incremental_text
+from speech import AudioFeatures, AudioProcessor, ConformerEncoder, SpeechAdapter
 from video import FrameProcessor, TemporalAggregator
 from vision import ImageEncoder, ImageProcessor
 from vision.tiling import aspect_ratio_id
 from vision.transforms import TiledImages
 
 MEDIA_TOKENS = {"image": "<|image|>", "video": "<|video|>", "audio": "<|audio|>"}
+KINDS = tuple(MEDIA_TOKENS)
+ASR_PROMPT = "Repeat after me in {language}:"
 
 
 def cross_attention_layers(n_layers: int, every: int) -> list[int]:
@@ -52,7 +55,8 @@ class Batch:
     """Token ids, left-padded, and the images of all rows in row order.
 
     ids, attention_mask: [b, L];  images: TiledImages of n images;  image_rows: [n] row of each;
-    videos: [n_v, F, 3, S, S] preprocessed frames;  video_rows: [n_v] row of each.
+    videos: [n_v, F, 3, S, S] preprocessed frames;  video_rows: [n_v] row of each;
+    audio: log-mel features of n_a recordings;  audio_rows: [n_a] row of each.
     """
 
     ids: Tensor
@@ -61,6 +65,12 @@ class Batch:
     image_rows: Tensor | None = None
     videos: Tensor | None = None
     video_rows: Tensor | None = None
+    audio: AudioFeatures | None = None
+    audio_rows: Tensor | None = None
+
+    def media(self) -> dict:
+        return dict(images=self.images, image_rows=self.image_rows, videos=self.videos, video_rows=self.video_rows,
+                    audio=self.audio, audio_rows=self.audio_rows)
 
 
 class MultimodalModel(nn.Module):
@@ -88,13 +98,21 @@ class MultimodalModel(nn.Module):
             self.aggregator = TemporalAggregator(config.video, config.vision.output_dim, config.vision.tokens_per_tile)
             self.projectors["video"] = nn.Linear(self.aggregator.width, dc.hidden_size)
             self.xattn["video"] = nn.ModuleList([self._block(dc) for _ in self.video_layers])
+            # speech: Conformer -> adapter; its outputs are decoder inputs, or (attach:
+            # cross_attention) the states of audio blocks at the image blocks' layers
+            self.encoders["audio"] = ConformerEncoder(config.speech)
+            self.speech_adapter = SpeechAdapter(config.speech, dc.hidden_size)
+            self.audio_layers = self.image_layers if config.speech.attach == "cross_attention" else []
+            self.xattn["audio"] = nn.ModuleList([self._block(dc) for _ in self.audio_layers])
         self.to(table.device, table.dtype)
         self.fusion = CrossAttentionFusion(decoder.model.layers)
         self.fusion.add("video", self.xattn["video"], self.video_layers)  # added first: runs first
         self.fusion.add("image", self.xattn["image"], self.image_layers)
+        self.fusion.add("audio", self.xattn["audio"], self.audio_layers)
         v = config.vision
         self.image_processor = ImageProcessor(v.image_size, v.max_tiles, v.mean, v.std)
         self.frame_processor = FrameProcessor(v.image_size, config.video.frames, v.mean, v.std)
+        self.audio_processor = AudioProcessor(config.speech)
         self._decoder_sha256: str | None = None
 
     @staticmethod
@@ -145,8 +163,14 @@ class MultimodalModel(nn.Module):
         return self.media_embedding.weight.device
 
     # ---- forward -------------------------------------------------------------------------
-    def embed(self, ids: Tensor) -> Tensor:
-        return self.media_embedding(ids, self.decoder.get_input_embeddings())
+    def embed(self, ids: Tensor, spliced: Tensor | None = None) -> Tensor:
+        """Token embeddings [b, L, d]; `spliced` [k, d] (speech adapter outputs) replace the k
+        audio-token positions in row-major order."""
+        embeds = self.media_embedding(ids, self.decoder.get_input_embeddings())
+        if spliced is None:
+            return embeds
+        at = (ids == self.media_token_ids["audio"])[..., None]
+        return embeds.masked_scatter(at, spliced.to(embeds.dtype))
 
     def image_context(self, ids: Tensor, images: TiledImages | None, image_rows: Tensor | None) -> MediaContext | None:
         """Encode the batch's images once; place them per row in the order of their <|image|> tokens."""
@@ -184,6 +208,28 @@ class MultimodalModel(nn.Module):
         valid = torch.ones(states.shape[:2], dtype=torch.bool, device=states.device)
         return self._context("video", ids, states, valid, video_rows)
 
+    def encode_audio(self, audio: AudioFeatures) -> tuple[Tensor, Tensor]:
+        """Log-mel features of n recordings -> adapter outputs [n, m, d_model] (80 ms each) and
+        their mask [n, m] (False past each recording's end)."""
+        states, mask = self.encoders["audio"](audio.features.to(self.media_embedding.weight.dtype), audio.lengths)
+        return self.speech_adapter(states, mask)
+
+    def audio_inputs(self, ids: Tensor, audio: AudioFeatures | None, audio_rows: Tensor | None):
+        """-> (MediaContext or None, spliced embeddings or None): how the speech reaches the
+        decoder, by speech.attach. Spliced: every recording fills the run of audio tokens that
+        `prepare` put in its place, one token per adapter output."""
+        if audio is None or len(audio) == 0:
+            return None, None
+        states, valid = self.encode_audio(audio)
+        if self.config.speech.attach == "cross_attention":
+            return self._context("audio", ids, states, valid, audio_rows), None
+        rows = (ids == self.media_token_ids["audio"]).nonzero(as_tuple=True)[0]
+        expected = audio_rows.to(rows.device).repeat_interleave(valid.sum(1))
+        if rows.numel() != expected.numel() or not torch.equal(rows, expected):
+            raise InputError("prompt", f"{rows.numel()} {MEDIA_TOKENS['audio']} positions for recordings of "
+                                       f"{valid.sum(1).tolist()} frames")
+        return None, states[valid]
+
     def _context(self, kind: str, ids: Tensor, states: Tensor, valid: Tensor, rows_of: Tensor) -> MediaContext:
         """Media states [n, m, d] -> a MediaContext packed per row, each visible from its token on."""
         rows, cols = (ids == self.media_token_ids[kind]).nonzero(as_tuple=True)
@@ -201,23 +247,28 @@ class MultimodalModel(nn.Module):
 
     def forward(self, ids: Tensor, attention_mask: Tensor | None = None, images: TiledImages | None = None,
                 image_rows: Tensor | None = None, labels: Tensor | None = None, videos: Tensor | None = None,
-                video_rows: Tensor | None = None, **decoder_kwargs):
+                video_rows: Tensor | None = None, audio: AudioFeatures | None = None,
+                audio_rows: Tensor | None = None, **decoder_kwargs):
         """Teacher-forced pass. ids [b, L] -> CausalLMOutputWithPast (loss when labels are given)."""
-        media = self.media_contexts(ids, images, image_rows, videos, video_rows)
-        return self._run(self.decoder, ids, attention_mask, media, labels=labels, **decoder_kwargs)
+        media, spliced = self.media_inputs(ids, images, image_rows, videos, video_rows, audio, audio_rows)
+        return self._run(self.decoder, ids, attention_mask, media, spliced=spliced, labels=labels, **decoder_kwargs)
 
     def hidden_states(self, ids: Tensor, attention_mask: Tensor | None = None, images: TiledImages | None = None,
                       image_rows: Tensor | None = None, prefix: list[tuple[Tensor, Tensor]] | None = None,
-                      videos: Tensor | None = None, video_rows: Tensor | None = None) -> Tensor:
+                      videos: Tensor | None = None, video_rows: Tensor | None = None,
+                      audio: AudioFeatures | None = None, audio_rows: Tensor | None = None) -> Tensor:
         """The decoder's final hidden states [b, L - P, d] (before the LM head; training takes the
         logits of the labelled positions only). `prefix`: per-layer keys/values [1, kv, P, hd]
         of the first P tokens, shared by every row (see `prefix_cache`); only the rest is run."""
-        media = self.media_contexts(ids, images, image_rows, videos, video_rows)
-        return self._run(self.decoder.model, ids, attention_mask, media, prefix).last_hidden_state
+        media, spliced = self.media_inputs(ids, images, image_rows, videos, video_rows, audio, audio_rows)
+        return self._run(self.decoder.model, ids, attention_mask, media, prefix, spliced).last_hidden_state
 
-    def media_contexts(self, ids, images=None, image_rows=None, videos=None, video_rows=None) -> dict:
+    def media_inputs(self, ids, images=None, image_rows=None, videos=None, video_rows=None, audio=None,
+                     audio_rows=None) -> tuple[dict, Tensor | None]:
+        """-> (cross-attention contexts by kind, speech embeddings spliced into the input or None)."""
+        audio_context, spliced = self.audio_inputs(ids, audio, audio_rows)
         return {"image": self.image_context(ids, images, image_rows),
-                "video": self.video_context(ids, videos, video_rows)}
+                "video": self.video_context(ids, videos, video_rows), "audio": audio_context}, spliced
 
     @torch.no_grad()
     def prefix_cache(self, ids: Tensor) -> list[tuple[Tensor, Tensor]]:
@@ -228,7 +279,7 @@ class MultimodalModel(nn.Module):
         out = self.decoder.model(inputs_embeds=self.embed(ids[None]), use_cache=True)
         return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
 
-    def _run(self, module: nn.Module, ids, attention_mask, media: dict, prefix=None, **kwargs):
+    def _run(self, module: nn.Module, ids, attention_mask, media: dict, prefix=None, spliced=None, **kwargs):
         if attention_mask is None:
             attention_mask = torch.ones_like(ids)
         start = prefix[0][0].shape[2] if prefix else 0
@@ -240,25 +291,25 @@ class MultimodalModel(nn.Module):
             if context is not None:
                 context.set_queries(torch.arange(start, ids.shape[1], device=ids.device))
         with self.fusion.media(**media):
-            return module(inputs_embeds=self.embed(ids[:, start:]), attention_mask=attention_mask,
+            return module(inputs_embeds=self.embed(ids, spliced)[:, start:], attention_mask=attention_mask,
                           position_ids=_positions(attention_mask)[:, start:], **kwargs)
 
     # ---- prompts -------------------------------------------------------------------------
     def render(self, messages: list[dict]) -> tuple[str, dict[str, list]]:
-        """Chat messages (content a string or a list of {"type": "image"|"video"|"text", ...} parts)
-        -> prompt text with one media token per image / video, and {"image": [...], "video": [...]}
-        in order."""
-        flat, media = [], {"image": [], "video": []}
+        """Chat messages (content a string or a list of {"type": "image"|"video"|"audio"|"text", ...}
+        parts) -> prompt text with one media token per item, and {"image": [...], "video": [...],
+        "audio": [...]} in order."""
+        flat, media = [], {k: [] for k in KINDS}
         for message in messages:
             content = message.get("content", "")
             if isinstance(content, str):
-                flat.append({"role": message["role"], "content": content})
+                flat.append({"role": message["role"], "content": _text(content)})
                 continue
             text = []
             for part in content:
                 kind = part.get("type")
                 if kind == "text":
-                    text.append(part.get("text", ""))
+                    text.append(_text(part.get("text", "")))
                 elif kind in media:
                     media[kind].append(next(part[k] for k in (kind, "path", "url") if k in part))
                     text.append(MEDIA_TOKENS[kind])
@@ -267,40 +318,54 @@ class MultimodalModel(nn.Module):
             flat.append({"role": message["role"], "content": "".join(text)})
         return self.tokenizer.apply_chat_template(flat, add_generation_prompt=True, tokenize=False), media
 
-    def user_messages(self, prompt: str, images: list, system: str | None = None, videos: list = ()) -> list[dict]:
-        """A one-turn conversation. Media go first (images, then videos) unless the prompt places
-        its own <|image|> / <|video|> tokens, one per item, in the order given."""
-        items = [("image", i) for i in images] + [("video", v) for v in videos]
-        placed = [(k, MEDIA_TOKENS[k]) for k in ("image", "video") if MEDIA_TOKENS[k] in prompt]
-        if not placed:
-            content = [{"type": k, k: x} for k, x in items] + [{"type": "text", "text": prompt}]
+    def user_messages(self, prompt: str, images: list, system: str | None = None, videos: list = (),
+                      audios: list = ()) -> list[dict]:
+        """A one-turn conversation. Media go first (images, videos, then audio) unless the prompt
+        places its own <|image|> / <|video|> / <|audio|> tokens, one per item, in the order given."""
+        given = {"image": list(images), "video": list(videos), "audio": list(audios)}
+        if not any(MEDIA_TOKENS[k] in prompt for k in KINDS):
+            content = [{"type": k, k: x} for k in KINDS for x in given[k]]
+            content += [{"type": "text", "text": prompt}] if prompt else []
         else:
-            for kind, given in (("image", images), ("video", videos)):
-                if prompt.count(MEDIA_TOKENS[kind]) != len(given):
+            for kind in KINDS:
+                if prompt.count(MEDIA_TOKENS[kind]) != len(given[kind]):
                     raise InputError("prompt", f"{prompt.count(MEDIA_TOKENS[kind])} {MEDIA_TOKENS[kind]} "
-                                               f"placeholders for {len(given)} {kind}s")
-            queues = {"image": list(images), "video": list(videos)}
-            content, rest = [], prompt
-            pattern = "(" + "|".join(re.escape(MEDIA_TOKENS[k]) for k in ("image", "video")) + ")"
-            for piece in re.split(pattern, rest):
-                kind = next((k for k in ("image", "video") if piece == MEDIA_TOKENS[k]), None)
+                                               f"placeholders for {len(given[kind])} {kind}s")
+            content = []
+            pattern = "(" + "|".join(re.escape(MEDIA_TOKENS[k]) for k in KINDS) + ")"
+            for piece in re.split(pattern, prompt):
+                kind = next((k for k in KINDS if piece == MEDIA_TOKENS[k]), None)
                 if kind:
-                    content.append({"type": kind, kind: queues[kind].pop(0)})
+                    content.append({"type": kind, kind: given[kind].pop(0)})
                 elif piece:
                     content.append({"type": "text", "text": piece})
         messages = [{"role": "user", "content": content}]
         return ([{"role": "system", "content": system}] if system else []) + messages
 
+    def audio_token_runs(self, tokens: list[int], frames: list[int]) -> list[int]:
+        """With speech spliced into the input, each audio token becomes a run of as many audio
+        tokens as its recording has adapter outputs (`frames`, in order)."""
+        if self.config.speech.attach != "input" or not frames:
+            return tokens
+        audio_id, runs, out = self.media_token_ids["audio"], iter(frames), []
+        for t in tokens:
+            out += [t] * next(runs) if t == audio_id else [t]
+        return out
+
     def prepare(self, conversations: list[list[dict]], max_new_tokens: int = 0) -> Batch:
-        """Conversations -> a left-padded Batch on the model's device, images and videos preprocessed."""
-        ids, media, rows = [], {"image": [], "video": []}, {"image": [], "video": []}
+        """Conversations -> a left-padded Batch on the model's device, media preprocessed."""
+        ids, media, rows = [], {k: [] for k in KINDS}, {k: [] for k in KINDS}
         limit = self.decoder.config.max_position_embeddings
+        audio = []
         for row, messages in enumerate(conversations):
             text, row_media = self.render(messages)
-            tokens = self.tokenizer(text, add_special_tokens=False).input_ids
+            row_audio = [self.audio_processor.features(a) for a in row_media["audio"]]
+            frames = [int(self.config.speech.adapter_frames(f.shape[0])) for f in row_audio]
+            tokens = self.audio_token_runs(self.tokenizer(text, add_special_tokens=False).input_ids, frames)
             if len(tokens) + max_new_tokens > limit:
                 raise InputError("prompt", f"{len(tokens)} tokens + {max_new_tokens} new exceed the context of {limit}")
             ids.append(tokens)
+            audio += row_audio
             for kind, items in row_media.items():
                 media[kind] += items
                 rows[kind] += [row] * len(items)
@@ -314,11 +379,13 @@ class MultimodalModel(nn.Module):
         images, videos = media["image"], media["video"]
         tiled = self.image_processor(images).to(self.device) if images else None
         frames = self.frame_processor(videos).to(self.device) if videos else None
+        features = AudioFeatures.pad(audio).to(self.device) if audio else None
 
         def row_ids(kind):
             return torch.tensor(rows[kind], dtype=torch.long, device=self.device) if media[kind] else None
 
-        return Batch(batch.to(self.device), mask.to(self.device), tiled, row_ids("image"), frames, row_ids("video"))
+        return Batch(batch.to(self.device), mask.to(self.device), tiled, row_ids("image"), frames, row_ids("video"),
+                     features, row_ids("audio"))
 
     # ---- generation ----------------------------------------------------------------------
     @torch.inference_mode()
@@ -327,13 +394,13 @@ class MultimodalModel(nn.Module):
         first step and reused from the MediaContext for every later one; rows that finished
         get the pad token."""
         ids, mask = batch.ids, batch.attention_mask
-        media = self.media_contexts(ids, batch.images, batch.image_rows, batch.videos, batch.video_rows)
+        media, spliced = self.media_inputs(ids, **batch.media())
         self.last_context = media["image"]  # kept for inspection (tests count key/value computations)
         self.last_contexts = media
         stop = torch.tensor(sorted(self.eos_token_ids()), device=ids.device)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else int(stop[0])
         cache = DynamicCache(config=self.decoder.config)
-        embeds, positions = self.embed(ids), _positions(mask)
+        embeds, positions = self.embed(ids, spliced), _positions(mask)
         query = torch.arange(ids.shape[1], device=ids.device)
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         for _ in range(max_new_tokens):
@@ -359,33 +426,45 @@ class MultimodalModel(nn.Module):
         ids |= set(configured if isinstance(configured, list) else [configured])
         return {i for i in ids if i is not None}
 
-    def generate(self, prompt: str | list[str], images: list | list[list] | None = None, *, video=None,
+    def generate(self, prompt: str | list[str], images: list | list[list] | None = None, *, video=None, audio=None,
                  max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int | None = None, system: str | None = None) -> str | list[str]:
-        """Answer one prompt (images: a list; video: a path, bytes or uint8 tensor [T, 3, H, W]) or a
-        batch (prompt: a list; images: a list per prompt; video: one per prompt, None for none)."""
+        """Answer one prompt (images: a list; video: a path, bytes or uint8 tensor [T, 3, H, W];
+        audio: a path, bytes or (samples, sample_rate)) or a batch (prompt: a list; images: a list
+        per prompt; video and audio: one per prompt, None for none). With audio and an empty
+        prompt, the reply is to what was said (spoken dialogue)."""
+        if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, (str, list, tuple)):
+            raise InputError("prompt", f"must be text (str) or a list of texts, got {type(prompt).__name__}")
         if isinstance(prompt, str):
-            return "".join(self.stream(prompt, images, video=video, max_new_tokens=max_new_tokens,
+            return "".join(self.stream(prompt, images, video=video, audio=audio, max_new_tokens=max_new_tokens,
                                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, system=system))
         per_row = images if images is not None else [[] for _ in prompt]
         videos = video if video is not None else [None for _ in prompt]
-        if len(per_row) != len(prompt) or len(videos) != len(prompt):
-            raise InputError("images", f"{len(per_row)} image lists and {len(videos)} videos for {len(prompt)} prompts")
-        conversations = [self.user_messages(p, list(i or []), system, [v] if v is not None else [])
-                         for p, i, v in zip(prompt, per_row, videos)]
+        audios = audio if audio is not None else [None for _ in prompt]
+        if not len(per_row) == len(videos) == len(audios) == len(prompt):
+            raise InputError("images", f"{len(per_row)} image lists, {len(videos)} videos and {len(audios)} "
+                                       f"recordings for {len(prompt)} prompts")
+        conversations = [self.user_messages(p, list(i or []), system, [v] if v is not None else [],
+                                            [a] if a is not None else [])
+                         for p, i, v, a in zip(prompt, per_row, videos, audios)]
         return self._complete(conversations, max_new_tokens, Sampler(temperature, top_k, top_p, seed))
+
+    def transcribe(self, audio, language: str = "English", *, max_new_tokens: int = 128) -> str:
+        """What was said in the recording (the ASR prompt of speech_sft)."""
+        return self.generate(ASR_PROMPT.format(language=language), audio=audio, max_new_tokens=max_new_tokens)
 
     def chat(self, messages: list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> str:
         """The assistant's next reply to a transformers-style conversation."""
         return self._complete([messages], max_new_tokens, Sampler(temperature, top_k, top_p, seed))[0]
 
-    def stream(self, prompt: str, images: list | None = None, *, video=None, max_new_tokens: int = 64,
+    def stream(self, prompt: str, images: list | None = None, *, video=None, audio=None, max_new_tokens: int = 64,
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                system: str | None = None) -> Iterator[str]:
         """Yield the reply piece by piece as it is generated."""
         videos = [video] if video is not None else []
-        batch = self.prepare([self.user_messages(prompt, list(images or []), system, videos)], max_new_tokens)
+        audios = [audio] if audio is not None else []
+        batch = self.prepare([self.user_messages(prompt, list(images or []), system, videos, audios)], max_new_tokens)
         stop = self.eos_token_ids()
         tokens = (int(t[0]) for t in self.decode(batch, max_new_tokens, Sampler(temperature, top_k, top_p, seed)))
         yield from incremental_text(self.tokenizer, _until(tokens, stop))
@@ -403,6 +482,18 @@ class MultimodalModel(nn.Module):
         from mm.api import save_checkpoint
 
         save_checkpoint(self, path)
+
+
+def _text(value) -> str:
+    """A prompt's text, or InputError: not a str, or not encodable as UTF-8 (e.g. the lone
+    surrogates Python makes of non-UTF-8 bytes on a command line)."""
+    if not isinstance(value, str):
+        raise InputError("prompt", f"text must be str, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError("prompt", f"not valid UTF-8 text (character {e.start}: {value[e.start]!r})") from None
+    return value
 
 
 def _positions(mask: Tensor) -> Tensor:

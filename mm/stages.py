@@ -4,9 +4,14 @@ A stage is data: which modules train, which loss, which data, which schedule. A 
 trained module(s) for a stage, turns raw shard samples into examples (in data workers), collates
 them, and computes the loss. Two kinds serve every stage:
 
-    LMTask    image_pretrain / image_anneal / image_sft / video_pretrain / video_sft: next-token
-              loss on caption or answer tokens of the frozen decoder, through the adapters
-    ClipTask  vision_clip: open_clip's CLIP model and its contrastive loss
+    lm        image_pretrain / image_anneal / image_sft / video_pretrain / video_sft / speech_sft:
+              next-token loss on caption, transcript, answer or reply tokens of the frozen
+              decoder, through the adapters
+    clip      vision_clip: open_clip's CLIP model and its contrastive loss
+    bestrq    speech_ssl: BEST-RQ masked prediction of random-projection codewords (speech/bestrq.py)
+    ctc       speech_ctc (optional, between speech_ssl and speech_sft): the Conformer with a
+              linear character head and CTC on transcripts; no decoder in the loop, so steps
+              are cheap and the encoder learns what was said before the adapter meets the decoder
 """
 from __future__ import annotations
 
@@ -19,13 +24,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mm.config import ModelConfig, apply_overrides, from_dict, read_yaml
-from mm.data import decode_image, decode_video, sample_json
+from mm.data import decode_audio, decode_image, decode_video, sample_json
 from mm.errors import ConfigError, InputError
+from speech import AudioFeatures, BestRQConfig
+from speech.audio import SAMPLE_RATE
 from vision import ImageProcessor, VisionConfig
 from vision.tiling import aspect_ratio_id
 from vision.transforms import TiledImages
 
-STAGES = ("vision_clip", "image_pretrain", "image_anneal", "image_sft", "video_pretrain", "video_sft")
+STAGES = ("vision_clip", "image_pretrain", "image_anneal", "image_sft", "video_pretrain", "video_sft", "speech_ssl",
+          "speech_ctc", "speech_sft")
+MEDIA_OF_STAGE = {"vision": "image", "image": "image", "video": "video", "speech": "audio"}
+LOSSES = {"lm": "next-token", "clip": "contrastive", "bestrq": "BEST-RQ", "ctc": "character CTC"}
 IGNORE = -100
 
 
@@ -51,12 +61,15 @@ class AugmentConfig:
 @dataclass
 class DataConfig:
     shards: list[str] = field(default_factory=list)  # .tar files, brace patterns or folders
-    kind: str = "captions"  # captions | qa
-    media: str = "image"  # image | video: what the shards' samples hold
+    kind: str = "captions"  # captions | qa (audio: each sample's json decides: a caption is a
+    # transcript to repeat (ASR), an answer the reply to what was said (spoken dialogue))
+    media: str = "image"  # image | video | audio: what the shards' samples hold
     batch_size: int = 32  # global: split across processes
     workers: int = 2
     shuffle_buffer: int = 1000
     seed: int = 0
+    group_by_size: int = 0  # G > 0: batches of samples of similar size, cut from G batches' worth
+    # (less padding for recordings of different lengths; see mm.data.ShardBatches)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -94,7 +107,7 @@ class StageConfig:
     data: DataConfig
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: list[str] = field(default_factory=list)  # parameter-name prefixes that train
-    loss: str = "lm"  # lm | clip
+    loss: str = "lm"  # lm | clip | bestrq
     init: str | None = None  # checkpoint of the previous stage to start from
     decoder: str | None = None  # swap in another decoder of the same architecture (base -> instruct)
     output: str = "runs/stage"
@@ -103,6 +116,10 @@ class StageConfig:
     log_every: int = 10
     max_text_tokens: int = 256
     clip: ClipConfig = field(default_factory=ClipConfig)
+    bestrq: BestRQConfig = field(default_factory=BestRQConfig)
+    ctc_weight: float = 0.0  # speech_sft: add this times a character CTC loss on the Conformer's
+    # output (transcripts of ASR samples, typed questions of dialogue samples); a linear head
+    # trained beside the model and dropped afterwards. 0: off
     init_video_from_image: bool = False  # video_pretrain: video blocks/projector start as copies of
     # the trained image blocks of their layers and the image projector (gates still closed)
 
@@ -110,17 +127,25 @@ class StageConfig:
         problems = []
         if self.stage not in STAGES:
             problems.append(f"stage '{self.stage}' is not one of {', '.join(STAGES)}")
-        if self.loss not in ("lm", "clip"):
-            problems.append(f"loss '{self.loss}' is not lm or clip")
+        if self.loss not in LOSSES:
+            problems.append(f"loss '{self.loss}' is not one of {', '.join(LOSSES)}")
         if self.data.kind not in ("captions", "qa"):
             problems.append(f"data.kind '{self.data.kind}' is not captions or qa")
-        if self.data.media not in ("image", "video"):
-            problems.append(f"data.media '{self.data.media}' is not image or video")
-        if self.stage.startswith("video") != (self.data.media == "video"):
-            problems.append(f"stage {self.stage} needs data.media: {'video' if self.stage.startswith('video') else 'image'}")
+        if self.data.media not in ("image", "video", "audio"):
+            problems.append(f"data.media '{self.data.media}' is not image, video or audio")
+        media = MEDIA_OF_STAGE.get(self.stage.split("_")[0])
+        if media and self.data.media != media:
+            problems.append(f"stage {self.stage} needs data.media: {media}")
+        if (self.loss == "bestrq") != (self.stage == "speech_ssl"):
+            problems.append("the bestrq loss is the loss of speech_ssl, and only of it")
+        if (self.loss == "ctc") != (self.stage == "speech_ctc"):
+            problems.append("the ctc loss is the loss of speech_ctc, and only of it")
+        problems += self.bestrq.validate()
+        if self.ctc_weight < 0 or (self.ctc_weight and self.stage != "speech_sft"):
+            problems.append("ctc_weight must be >= 0 and is for speech_sft only")
         if self.init_video_from_image and self.stage != "video_pretrain":
             problems.append("init_video_from_image is for video_pretrain (it replaces the video path)")
-        if self.data.media == "video" and self.data.augment.transform() is not None:
+        if self.data.media != "image" and self.data.augment.transform() is not None:
             problems.append("data.augment applies to images only")
         if self.loss == "clip" and self.data.kind != "captions":
             problems.append("the clip loss needs data.kind: captions")
@@ -185,14 +210,20 @@ class LMObjective(nn.Module):
 
     min_shared_prefix = 8
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, ctc_weight: float = 0.0) -> None:
         super().__init__()
         self.model = model
         self._prefixes: dict[tuple[int, ...], list] = {}
+        self.ctc_weight = ctc_weight
+        self.ctc = SpeechCTC(model.config.speech.width) if ctc_weight else None
+        if self.ctc is not None:  # reads the Conformer's output of the same forward pass
+            model.encoders["audio"].register_forward_hook(self.ctc.keep)
 
     def forward(self, ids, attention_mask, labels, tiles=None, aspect_ratio_ids=None, n_tiles=None, image_rows=None,
-                videos=None, video_rows=None, **_) -> tuple:
+                videos=None, video_rows=None, audio_features=None, audio_lengths=None, audio_rows=None,
+                ctc_targets=None, ctc_lengths=None, **_) -> tuple:
         images = TiledImages(tiles, aspect_ratio_ids, n_tiles) if tiles is not None else None
+        audio = AudioFeatures(audio_features, audio_lengths) if audio_features is not None else None
         start = self.shared_prefix(ids, attention_mask)
         prefix = None
         if start >= self.min_shared_prefix:
@@ -202,14 +233,18 @@ class LMObjective(nn.Module):
             prefix = self._prefixes[key]
         else:
             start = 0
-        hidden = self.model.hidden_states(ids, attention_mask, images, image_rows, prefix, videos, video_rows)
+        hidden = self.model.hidden_states(ids, attention_mask, images, image_rows, prefix, videos, video_rows, audio,
+                                          audio_rows)
         target = labels[:, start + 1:]
         keep = target != IGNORE
         logits = self.model.decoder.lm_head(hidden[:, :-1][keep])
         loss_sum = F.cross_entropy(logits.float(), target[keep], reduction="sum")
         count = all_reduce_sum(keep.sum().to(loss_sum))
         logged = all_reduce_sum(loss_sum.detach()) / count
-        return loss_sum * world()[1] / count, logged
+        loss = loss_sum * world()[1] / count
+        if self.ctc is not None and ctc_targets is not None:
+            loss = loss + self.ctc_weight * self.ctc.loss(ctc_targets, ctc_lengths)
+        return loss, logged
 
     def shared_prefix(self, ids: Tensor, attention_mask: Tensor) -> int:
         """Length of the leading tokens that all rows share, unpadded and before any media token."""
@@ -229,8 +264,12 @@ class LMExamples:
         self.eos_id = model.tokenizer.eos_token_id
         self.processor = model.image_processor
         self.render, self.user_messages = model.render, model.user_messages
+        self.audio_processor, self.speech = model.audio_processor, model.config.speech
+        self.audio_token_runs = model.audio_token_runs
 
     def __call__(self, sample: dict) -> dict:
+        if self.media == "audio":
+            return self._speech(sample)
         if self.media == "video":
             example = {"frames": self.frame_processor.tiles(decode_video(sample, self.frames).frames)}
         else:
@@ -253,6 +292,32 @@ class LMExamples:
             raise InputError(sample.get("__key__", "sample"), "prompt longer than max_text_tokens")
         return {"ids": ids, "labels": labels, **example}
 
+    def _speech(self, sample: dict) -> dict:
+        """ASR (json caption: the transcript; prompt "Repeat after me in {language}:") or spoken
+        dialogue (json answer: the reply; no prompt). The audio token becomes one token per
+        adapter output when speech is spliced into the input."""
+        from mm.model import ASR_PROMPT
+
+        features = self.audio_processor.features((decode_audio(sample), SAMPLE_RATE))
+        fields = sample_json(sample)
+        if "caption" in fields:
+            prompt, target = ASR_PROMPT.format(language=fields.get("language", "English")), fields["caption"]
+        elif "answer" in fields:
+            prompt, target = "", fields["answer"]
+        else:
+            raise InputError(sample.get("__key__", "sample"), "audio sample json has neither caption nor answer")
+        text, _ = self.render(self.user_messages(prompt, [], audios=[None]))
+        frames = int(self.speech.adapter_frames(features.shape[0]))
+        prompt_ids = self.audio_token_runs(self.tokenizer(text, add_special_tokens=False).input_ids, [frames])
+        answer = self.tokenizer(str(target), add_special_tokens=False).input_ids + [self.eos_id]
+        if len(prompt_ids) >= self.max_tokens:
+            raise InputError(sample.get("__key__", "sample"), f"prompt of {len(prompt_ids)} tokens (recording "
+                                                              f"included) is not shorter than max_text_tokens")
+        ids = (prompt_ids + answer)[: self.max_tokens]
+        labels = ([IGNORE] * len(prompt_ids) + answer)[: self.max_tokens]
+        spoken = fields.get("caption", fields.get("question", ""))
+        return {"ids": ids, "labels": labels, "audio": features, "ctc": ctc_labels(str(spoken))}
+
     def _image(self, image):
         tiles, grid = self.processor.tile(image)
         return tiles, aspect_ratio_id(grid, self.processor.max_tiles), grid[0] * grid[1]
@@ -268,6 +333,10 @@ def collate_lm(examples: list[dict], pad_id: int) -> dict:
         n = len(e["ids"])
         ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(e["ids"]), torch.tensor(e["labels"]), 1
     batch = {"ids": ids, "labels": labels, "attention_mask": mask, "examples": len(examples)}
+    if "audio" in examples[0]:
+        audio = AudioFeatures.pad([e["audio"] for e in examples])
+        return {**batch, "audio_features": audio.features, "audio_lengths": audio.lengths,
+                "audio_rows": torch.arange(len(examples)), **ctc_batch(examples)}
     if "frames" in examples[0]:
         return {**batch, "videos": torch.stack([e["frames"] for e in examples]),
                 "video_rows": torch.arange(len(examples))}
@@ -325,3 +394,88 @@ class ClipExamples:
 def collate_clip(examples: list[dict]) -> dict:
     return {"images": torch.stack([e["image"] for e in examples]),
             "texts": torch.stack([e["text"] for e in examples]), "examples": len(examples)}
+
+
+# ---- BEST-RQ ------------------------------------------------------------------------------------
+class SpeechExamples:
+    """Raw audio sample -> log-mel features (speech_ssl), and the transcript's characters
+    (speech_ctc: the caption, or the spoken question of a dialogue sample)."""
+
+    def __init__(self, model, transcripts: bool = False) -> None:
+        self.audio_processor, self.transcripts = model.audio_processor, transcripts
+
+    def __call__(self, sample: dict) -> dict:
+        example = {"audio": self.audio_processor.features((decode_audio(sample), SAMPLE_RATE))}
+        if self.transcripts:
+            fields = sample_json(sample)
+            example["ctc"] = ctc_labels(str(fields.get("caption", fields.get("question", ""))))
+        return example
+
+
+def collate_speech(examples: list[dict]) -> dict:
+    audio = AudioFeatures.pad([e["audio"] for e in examples])
+    batch = {"features": audio.features, "lengths": audio.lengths, "examples": len(examples)}
+    if "ctc" in examples[0]:
+        batch.update(ctc_batch(examples))
+    return batch
+
+
+def ctc_batch(examples: list[dict]) -> dict:
+    ctc = [torch.tensor(e["ctc"], dtype=torch.long) for e in examples]
+    return {"ctc_targets": nn.utils.rnn.pad_sequence(ctc, batch_first=True),
+            "ctc_lengths": torch.tensor([len(c) for c in ctc])}
+
+
+# ---- auxiliary CTC on the speech encoder ----------------------------------------------------------
+CTC_ALPHABET = " abcdefghijklmnopqrstuvwxyz0123456789'"  # index + 1; 0 is the blank
+
+
+def ctc_labels(text: str) -> list[int]:
+    """Lower-cased characters of the alphabet (others dropped, runs of spaces merged) -> ids."""
+    text = " ".join("".join(c for c in text.lower() if c in CTC_ALPHABET).split())
+    return [CTC_ALPHABET.index(c) + 1 for c in text]
+
+
+class SpeechCTC(nn.Module):
+    """A linear character head on the Conformer's 40 ms frames, trained with CTC beside the LM
+    loss: a direct signal for the encoder while the path through the frozen decoder is weak."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.head = nn.Linear(width, len(CTC_ALPHABET) + 1)
+        self._encoded: tuple[Tensor, Tensor] | None = None
+
+    def keep(self, module, args, output) -> None:
+        self._encoded = output
+
+    def loss(self, targets: Tensor, target_lengths: Tensor) -> Tensor:
+        states, mask = self._encoded
+        self._encoded = None
+        log_probs = self.head(states).float().log_softmax(-1).transpose(0, 1)  # [T, b, C]
+        per_row = F.ctc_loss(log_probs, targets, mask.sum(1), target_lengths, blank=0, reduction="none",
+                             zero_infinity=True)
+        return (per_row / target_lengths.clamp(min=1)).mean()
+
+
+class CTCObjective(nn.Module):
+    """speech_ctc: the Conformer and a character head, CTC on the transcript; no decoder."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder, self.ctc = encoder, SpeechCTC(encoder.config.width)
+
+    def forward(self, features: Tensor, lengths: Tensor, ctc_targets: Tensor, ctc_lengths: Tensor, **_) -> tuple:
+        self.ctc.keep(None, None, self.encoder(features, lengths))
+        loss = self.ctc.loss(ctc_targets, ctc_lengths)
+        return loss, all_reduce_sum(loss.detach()) / world()[1]
+
+    @torch.no_grad()
+    def greedy(self, features: Tensor, lengths: Tensor) -> list[str]:
+        """Best-path decoding of the character head (for a quick look at what the encoder hears)."""
+        states, mask = self.encoder(features, lengths)
+        best = self.ctc.head(states).argmax(-1)
+        out = []
+        for row, n in zip(best, mask.sum(1).tolist()):
+            ids = [int(i) for j, i in enumerate(row[:n]) if i and (j == 0 or i != row[j - 1])]
+            out.append("".join(CTC_ALPHABET[i - 1] for i in ids))
+        return out

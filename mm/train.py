@@ -28,12 +28,13 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from mm.api import CONFIG_FILE, FORMAT, WEIGHTS_FILE, build, load_checkpoint, load_adapter_tensors
-from mm.checkpoint import load_tensors, write_dir_atomically
+from mm.checkpoint import load_tensors, remove_stale_temporaries, write_dir_atomically
 from mm.data import ShardBatches, batch_loader, expand_shards, to_tensor_dict
 from mm.errors import CheckpointError
-from mm.stages import (ClipExamples, ClipObjective, LMExamples, LMObjective, StageConfig, all_reduce_sum,
-                       clip_model, collate_clip, collate_lm, image_tower_tensors,
+from mm.stages import (ClipExamples, ClipObjective, CTCObjective, LMExamples, LMObjective, SpeechExamples, StageConfig,
+                       all_reduce_sum, clip_model, collate_clip, collate_lm, collate_speech, image_tower_tensors,
                        select_trainable, world)
+from speech import BestRQ
 
 STATE_FILE = "trainer.safetensors"
 
@@ -46,37 +47,55 @@ class Progress:
 
 
 class Task:
-    """A stage made concrete: the module to run, what trains, how data becomes batches."""
+    """A stage made concrete: the module to run, what trains, how data becomes batches.
+
+    `aux` holds what trains beside the model but is not part of it (the CLIP text tower and
+    joint projections, the BEST-RQ heads): step checkpoints keep it with the optimizer state
+    so that a run resumes exactly; the stage's output holds the model tensors only."""
 
     def __init__(self, cfg: StageConfig) -> None:
         self.cfg = cfg
+        self.aux: torch.nn.Module | None = None
         if cfg.decoder:
             cfg.model.decoder = cfg.decoder  # hot-swap: same architecture, other weights
         if cfg.loss == "clip":
             self.model = None
-            self.clip = clip_model(cfg.model.vision, cfg.clip)
+            self.clip = self.aux = clip_model(cfg.model.vision, cfg.clip)
             self.objective = ClipObjective(self.clip)
             self.trainable = dict(self.clip.named_parameters())
             self.decode, self.collate = ClipExamples(cfg.model.vision, cfg.clip, cfg.data.augment.transform()), collate_clip
+            return
+        if cfg.init:  # the stage's own model config: it may raise the resolution or swap the decoder
+            self.model = load_checkpoint(cfg.init, config=cfg.model, force=bool(cfg.decoder))
         else:
-            if cfg.init:  # the stage's own model config: it may raise the resolution or swap the decoder
-                self.model = load_checkpoint(cfg.init, config=cfg.model, force=bool(cfg.decoder))
+            self.model = build(cfg.model)
+        if cfg.init_video_from_image:
+            self.model.init_video_from_image()
+        self.trainable = select_trainable(self.model, cfg.train)
+        if cfg.loss in ("bestrq", "ctc"):
+            if cfg.loss == "bestrq":
+                self.objective = BestRQ(self.model.encoders["audio"], cfg.bestrq)
+                self.aux, prefix = self.objective.heads, "bestrq.heads"
             else:
-                self.model = build(cfg.model)
-            if cfg.init_video_from_image:
-                self.model.init_video_from_image()
-            self.objective = LMObjective(self.model)
-            self.trainable = select_trainable(self.model, cfg.train)
-            pad = self.model.tokenizer.pad_token_id or 0
-            self.decode = LMExamples(self.model, cfg.data.kind, cfg.max_text_tokens, cfg.data.augment.transform(),
-                                     cfg.data.media)
-            self.collate = lambda examples: collate_lm(examples, pad)
+                self.objective = CTCObjective(self.model.encoders["audio"])
+                self.aux, prefix = self.objective.ctc, "ctc"
+            self.trainable.update({f"{prefix}.{k}": v for k, v in self.aux.named_parameters()})
+            self.decode, self.collate = SpeechExamples(self.model, transcripts=cfg.loss == "ctc"), collate_speech
+            return
+        self.objective = LMObjective(self.model, cfg.ctc_weight)
+        if self.objective.ctc is not None:
+            self.aux = self.objective.ctc
+            self.trainable.update({f"ctc.{k}": v for k, v in self.aux.named_parameters()})
+        pad = self.model.tokenizer.pad_token_id or 0
+        self.decode = LMExamples(self.model, cfg.data.kind, cfg.max_text_tokens, cfg.data.augment.transform(),
+                                 cfg.data.media)
+        self.collate = lambda examples: collate_lm(examples, pad)
 
     def trained_tensors(self) -> dict[str, torch.Tensor]:
         """What a checkpoint stores: only what this stage trains (as composite-model names)."""
         if self.model is None:
             return image_tower_tensors(self.clip)
-        return {k: v.detach() for k, v in self.trainable.items()}
+        return {k: v.detach() for k, v in self.trainable.items() if not k.startswith(("bestrq.", "ctc."))}
 
     def decoder_identity(self) -> dict | None:
         if self.model is None:
@@ -85,7 +104,7 @@ class Task:
 
     def frozen_names(self) -> list[str]:
         """Parameters and buffers DDP should neither broadcast nor synchronise (the decoder)."""
-        if self.model is None:
+        if not isinstance(self.objective, LMObjective):
             return []
         names = [f"model.{n}" for n, _ in self.model.decoder.named_parameters(prefix="decoder")]
         return names + [f"model.{n}" for n, _ in self.model.decoder.named_buffers(prefix="decoder")]
@@ -157,8 +176,8 @@ def save_run_checkpoint(task: Task, optimizer, progress: Progress, out: Path) ->
     cfg = task.cfg
     state = optimizer_tensors(optimizer, param_order(task.trainable, cfg.optim))
     state["rng.torch"] = torch.get_rng_state()
-    if task.model is None:
-        state.update({f"clip.{k}": v for k, v in task.clip.state_dict().items()})
+    if task.aux is not None:
+        state.update({f"aux.{k}": v for k, v in task.aux.state_dict().items()})
     meta = {
         "format": FORMAT,
         "model": asdict(cfg.model),
@@ -198,9 +217,9 @@ def resume(task: Task, optimizer, path: Path) -> Progress:
     meta = yaml.safe_load((path / CONFIG_FILE).read_text())
     trained = load_tensors(path / WEIGHTS_FILE)
     state = load_tensors(path / STATE_FILE)
-    if task.model is None:
-        task.clip.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("clip.")})
-    else:
+    if task.aux is not None:
+        task.aux.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("aux.")})
+    if task.model is not None:
         load_adapter_tensors(task.model, trained, path)
     load_optimizer_tensors(optimizer, param_order(task.trainable, task.cfg.optim), state)
     torch.set_rng_state(state["rng.torch"])
@@ -289,6 +308,9 @@ def train(cfg: StageConfig) -> Path:
     task = Task(cfg)
     task.objective.to(device)  # before the optimizer, so that its state lives beside the parameters
     out = Path(cfg.output)
+    if rank == 0:  # a run killed in the middle of a checkpoint write left its temp dir behind
+        remove_stale_temporaries(out / "checkpoints")
+        remove_stale_temporaries(out)
     params = task.trainable
     optimizer = make_optimizer(params, cfg.optim)
     last = latest_checkpoint(out)
@@ -300,7 +322,8 @@ def train(cfg: StageConfig) -> Path:
     objective.train()
     data = ShardBatches(expand_shards(cfg.data.shards), batch_size=cfg.data.batch_size, decode=task.decode,
                         collate=task.collate, seed=cfg.data.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-                        rank=rank, world_size=size, start_batch=progress.batches)
+                        rank=rank, world_size=size, start_batch=progress.batches,
+                        group_by_size=cfg.data.group_by_size)
     log = RunLog(out, cfg, progress.step, enabled=rank == 0)
     started, samples = time.time(), 0
     for batch in batch_loader(data, cfg.data.workers):

@@ -76,9 +76,9 @@ STAGES = ["vision_clip", "image_pretrain", "image_sft"]
 
 
 def train(run: Path, steps: dict[str, int] | None = None, extra: list[str] = (), stages: list[str] = STAGES,
-          init: Path | None = None) -> dict:
-    """Run configs/stages/digits_<stage>.yaml in order into run/<stage>, each initialised from the
-    one before (the first from `init`, if given); returns each stage's wall seconds."""
+          init: Path | None = None, prefix: str = "digits") -> dict:
+    """Run configs/stages/<prefix>_<stage>.yaml in order into run/<stage>, each initialised from
+    the one before (the first from `init`, if given); returns each stage's wall seconds."""
     times, previous = {}, init
     for stage in stages:
         overrides = [f"output={run / stage}", *extra]
@@ -87,7 +87,7 @@ def train(run: Path, steps: dict[str, int] | None = None, extra: list[str] = (),
         if steps:
             overrides.append(f"optim.steps={steps[stage]}")
         start = time.time()
-        cmd = [sys.executable, "-m", "mm", "train", str(ROOT / "configs/stages" / f"digits_{stage}.yaml"), *overrides]
+        cmd = [sys.executable, "-m", "mm", "train", str(ROOT / "configs/stages" / f"{prefix}_{stage}.yaml"), *overrides]
         subprocess.run(cmd, check=True, cwd=ROOT)
         times[stage] = round(time.time() - start, 1)
         previous = run / stage / "final"
@@ -111,18 +111,18 @@ def training_stats(run: Path) -> dict:
 
 def report(run: Path) -> dict:
     """Held-out accuracy and training figures of a run, written to docs/results/digits.json."""
-    result = {"heldout": evaluate(run / "image_sft" / "final"), "training": training_stats(run),
-              "machine": f"{os.cpu_count()} CPU cores, torch {torch_version()}"}
-    out = ROOT / "docs" / "results" / "digits.json"
+    return write_results("digits", {"heldout": evaluate(run / "image_sft" / "final"), "training": training_stats(run)})
+
+
+def write_results(name: str, result: dict) -> dict:
+    """A proof's figures, with the machine they were measured on, -> docs/results/<name>.json."""
+    import torch
+
+    result = {**result, "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}"}
+    out = ROOT / "docs" / "results" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     return result
-
-
-def torch_version() -> str:
-    import torch
-
-    return torch.__version__
 
 
 def demo() -> None:

@@ -14,6 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MllamaConfig, MllamaForC
 from mm.config import CONFIG_DIR, ImageAdapterConfig, ModelConfig, from_dict, read_yaml
 from mm.decoders import tiny_tokenizer
 from mm.model import MultimodalModel
+from speech import SpeechConfig
 from vision import VisionConfig
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "params.md"
@@ -34,9 +35,12 @@ def numel(module: torch.nn.Module | None, prefix: str = "") -> int:
 
 
 def paper_model() -> MultimodalModel:
-    """Llama 3.1 8B + configs/vision/vit_h14_560_mllama + a block before every 4th layer."""
+    """Llama 3.1 8B + configs/vision/vit_h14_560_mllama + a block before every 4th layer, and the
+    paper's speech encoder and adapter (configs/speech/conformer_1b)."""
     vision = from_dict(VisionConfig, read_yaml(CONFIG_DIR / "vision" / "vit_h14_560_mllama.yaml"), "vision")
-    config = ModelConfig(decoder="llama-3.1-8b", vision=vision, image_adapter=ImageAdapterConfig(every=4))
+    speech = from_dict(SpeechConfig, read_yaml(CONFIG_DIR / "speech" / "conformer_1b.yaml"), "speech")
+    config = ModelConfig(decoder="llama-3.1-8b", vision=vision, image_adapter=ImageAdapterConfig(every=4),
+                         speech=speech)
     with torch.device("meta"):
         decoder = LlamaForCausalLM(LlamaConfig(**LLAMA_31_8B))
         return MultimodalModel(config, decoder, tiny_tokenizer())
@@ -76,6 +80,12 @@ def video_path() -> int:
     return numel(ours.aggregator) + numel(ours.projectors["video"]) + numel(ours.xattn["video"])
 
 
+def speech_path() -> tuple[int, int]:
+    """(Conformer encoder, speech adapter) of the paper-size speech config."""
+    ours = paper_model()
+    return numel(ours.encoders["audio"]), numel(ours.speech_adapter) + numel(ours.xattn["audio"])
+
+
 def table() -> str:
     rows = counts()
     total_ours, total_ref = sum(r[1] for r in rows), sum(r[2] for r in rows)
@@ -92,7 +102,8 @@ def table() -> str:
                  "the two embedding rows above, nothing else |")
     lines += ["", f"Not in Llama 3.2 Vision, so not counted above: the video path (temporal aggregator, video "
                   f"projector, 2 video cross-attention blocks) with the default video config, {video_path():,} "
-                  "parameters.", ""]
+                  "parameters; the speech path of `configs/speech/conformer_1b.yaml` (the paper's sizes), "
+                  f"Conformer encoder {speech_path()[0]:,} and speech adapter {speech_path()[1]:,} parameters.", ""]
     return "\n".join(lines)
 
 

@@ -5,10 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v espeak-ng >/dev/null 2>&1; then  # the speech demo's voice
+# the speech proof's voices (espeak-ng), its sentences (fortunes) and an English word list (wamerican)
+if ! command -v espeak-ng >/dev/null 2>&1 || [ ! -d /usr/share/games/fortunes ] || [ ! -f /usr/share/dict/words ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq espeak-ng >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq espeak-ng fortunes wamerican >/dev/null
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv

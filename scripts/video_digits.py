@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import time
@@ -187,12 +186,11 @@ def training_stats() -> dict:
 
 def report() -> dict:
     final = RUN / "video_sft" / "final"
-    result = {"heldout": evaluate(final, shuffle=False), "heldout_frames_shuffled": evaluate(final, shuffle=True),
-              "training": training_stats(), "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}"}
-    out = ROOT / "docs" / "results" / "video_digits.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    from digits import write_results
+
+    return write_results("video_digits", {"heldout": evaluate(final, shuffle=False),
+                                          "heldout_frames_shuffled": evaluate(final, shuffle=True),
+                                          "training": training_stats()})
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ import torch
 from mm.config import CONFIG_DIR, ModelConfig, from_dict, list_configs, load_model_config, read_yaml
 from mm.errors import ConfigError
 from mm.model import cross_attention_layers
+from speech import ConformerEncoder, SpeechAdapter, SpeechConfig
 from vision import ImageEncoder, VisionConfig
 
 
@@ -17,6 +18,30 @@ def test_vision_configs_build(name):
     with torch.device("meta"):
         encoder = ImageEncoder(config)
     assert sum(p.numel() for p in encoder.parameters()) > 0
+
+
+@pytest.mark.parametrize("name", list_configs("speech"))
+def test_speech_configs_build(name):
+    config = from_dict(SpeechConfig, read_yaml(CONFIG_DIR / "speech" / f"{name}.yaml"), name)
+    assert config.validate() == []
+    with torch.device("meta"):
+        encoder, adapter = ConformerEncoder(config), SpeechAdapter(config, d_model=4096)
+    assert sum(p.numel() for p in encoder.parameters()) > 0 and sum(p.numel() for p in adapter.parameters()) > 0
+
+
+def test_paper_speech_sizes():
+    config = from_dict(SpeechConfig, read_yaml(CONFIG_DIR / "speech" / "conformer_1b.yaml"), "x")
+    with torch.device("meta"):
+        encoder, adapter = ConformerEncoder(config), SpeechAdapter(config, d_model=4096)
+    assert 0.95e9 < sum(p.numel() for p in encoder.parameters()) < 1.05e9  # "1B"
+    assert 0.08e9 < sum(p.numel() for p in adapter.parameters()) < 0.12e9  # "~100M"
+
+
+def test_bad_speech_config_is_named(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text("decoder: tiny\nspeech: {width: 30, heads: 4, attach: sideways}\n")
+    with pytest.raises(ConfigError, match="speech: width 30 must split into 4 heads.*attach 'sideways'"):
+        load_model_config(path)
 
 
 @pytest.mark.parametrize("name", list_configs("models"))

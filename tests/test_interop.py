@@ -312,7 +312,7 @@ def test_paper_size_parameter_counts_match_llama_3_2_11b_vision():
     rows = counts.counts()
     ours, ref = counts.paper_model(), counts.mllama_11b()
     assert sum(r[2] for r in rows) == counts.numel(ref) == 10_670_220_835  # every Mllama parameter is in a row
-    assert sum(r[1] for r in rows) + counts.video_path() == counts.numel(ours)  # and every one of ours
+    assert sum(r[1] for r in rows) + counts.video_path() + sum(counts.speech_path()) == counts.numel(ours)  # and ours
     for name, a, b, why in rows:
         assert a == b or why, name  # equal, or the difference is explained
     hidden = 4096

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 class VideoConfig:
     frames: int = 16  # F frames sampled uniformly per clip (the paper: up to 64)
     merge: int = 16  # M consecutive frames merged into one (paper: 16 pretraining, 32 fine-tuning)
-    width: int = 0  # aggregator width; 0: the image encoder's output width (no input projection)
+    width: int = 256  # aggregator width; 0: the image encoder's output width (no input projection)
     layers: int = 2
     heads: int = 4
     mlp_ratio: float = 4.0

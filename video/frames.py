@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +23,9 @@ import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
 from mm.errors import InputError, existing_file
+from mm.ffmpeg import ffmpeg_errors
 from vision.transforms import MAX_PIXELS
 
-av.logging.set_level(av.logging.PANIC)  # problems reach the user as InputError, not FFmpeg's stderr
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".gif", ".m4v", ".mpg", ".mpeg", ".ogv")
 MAX_SOURCE_FRAMES = 1_000_000  # refuse streams that claim more (about 9 hours at 30 fps)
@@ -67,7 +66,7 @@ def probe_video(path) -> None:
     """Cheap check of a video file before a model is loaded: it exists, has a video stream of a
     sane size, and its first frame decodes. Raises InputError naming the file."""
     path = existing_file(path, "a video")
-    with _ffmpeg_errors(path), av.open(str(path), mode="r") as container:
+    with ffmpeg_errors(path, "video"), av.open(str(path), mode="r") as container:
         stream = _video_stream(container, path)
         if next(iter(container.decode(stream)), None) is None:
             raise InputError(path, "no decodable video frames")
@@ -80,23 +79,8 @@ def video_from_bytes(data: bytes, name: str, frames: int) -> VideoClip:
     return _decode(lambda: io.BytesIO(data), name, frames)
 
 
-@contextmanager
-def _ffmpeg_errors(name):
-    """FFmpeg's exceptions -> InputError naming the input."""
-    try:
-        yield
-    except av.error.InvalidDataError as e:
-        raise InputError(name, f"not a video or corrupt ({e.strerror or e})") from None
-    except av.error.EOFError:
-        raise InputError(name, "no decodable video frames (the file ends before its first frame)") from None
-    except av.error.DecoderNotFoundError as e:
-        raise InputError(name, f"unsupported video codec ({e})") from None
-    except (av.error.FFmpegError, OSError, ValueError) as e:
-        raise InputError(name, f"cannot decode video ({e})") from None
-
-
 def _decode(opener, name, frames: int) -> VideoClip:
-    with _ffmpeg_errors(name):
+    with ffmpeg_errors(name, "video"):
         n = _count_frames(opener, name)
         if n == 0:
             raise InputError(name, "no decodable video frames")

@@ -1,0 +1,183 @@
+"""The Conformer speech encoder (Llama 3's speech encoder, at configurable size).
+
+    log-mel [b, T, 80] (10 ms frames)
+      -> stack 4 consecutive frames (40 ms) -> linear to the width
+      -> layers of: x + FFN/2, x + rotary self-attention, x + depthwise-conv module, x + FFN/2, LayerNorm
+         (Macaron feed-forwards around attention and convolution, Gulati et al. 2020)
+      -> [b, T / 4, width], with a mask of the frames that are not padding
+
+Padded frames of a batch never influence real ones: attention masks them as keys, and the
+convolution sees zeros there (its input is zeroed at padding before the depthwise conv). The
+convolution module normalises with LayerNorm rather than BatchNorm, so that a frame's output
+depends on its own utterance only (batch composition, padding and eval mode change nothing).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class SpeechAdapterConfig:
+    """Conv (kernel 3, stride 2: 40 -> 80 ms), one rotary transformer layer, linear to the decoder."""
+
+    width: int = 256  # the paper: 3072
+    ffn_dim: int = 1024  # the paper: 4096
+    heads: int = 4
+    kernel: int = 3
+    stride: int = 2
+
+
+@dataclass
+class SpeechConfig:
+    n_mels: int = 80
+    stack: int = 4  # input frames (10 ms) stacked into one encoder frame (40 ms)
+    width: int = 144  # the paper: 1536
+    layers: int = 4  # the paper: 24
+    heads: int = 4  # the paper: 24
+    ffn_dim: int = 576  # the paper: 4096
+    conv_kernel: int = 7
+    dropout: float = 0.1
+    rope_theta: float = 10000.0
+    max_seconds: float = 60.0  # longer recordings are refused (memory is bounded by this)
+    attach: str = "input"  # input: adapter outputs spliced into the decoder input between audio
+    # tokens; cross_attention: gated cross-attention blocks at the image blocks' layers
+    adapter: SpeechAdapterConfig = field(default_factory=SpeechAdapterConfig)
+
+    def validate(self) -> list[str]:
+        problems = []
+        for name, width, heads in (("", self.width, self.heads), ("adapter.", self.adapter.width, self.adapter.heads)):
+            if width % heads or (width // heads) % 2:
+                problems.append(f"{name}width {width} must split into {heads} heads of even size")
+        if self.attach not in ("input", "cross_attention"):
+            problems.append(f"attach '{self.attach}' is not input or cross_attention")
+        if self.conv_kernel % 2 == 0 or self.adapter.kernel % 2 == 0:
+            problems.append("conv_kernel and adapter.kernel must be odd")
+        if min(self.stack, self.adapter.stride, self.layers, self.n_mels) < 1 or self.max_seconds <= 0:
+            problems.append("stack, adapter.stride, layers, n_mels and max_seconds must be positive")
+        return problems
+
+    def encoder_frames(self, feature_frames: Tensor | int):
+        """Encoder frames (40 ms) for a number of feature frames (10 ms): ceil(T / stack)."""
+        return -(-feature_frames // self.stack)
+
+    def adapter_frames(self, feature_frames: Tensor | int):
+        """Adapter outputs (80 ms), i.e. decoder input positions, for T feature frames."""
+        return -(-self.encoder_frames(feature_frames) // self.adapter.stride)
+
+
+# ---- rotary position embedding --------------------------------------------------------------------
+def rotary_tables(length: int, head_dim: int, theta: float, device, dtype) -> tuple[Tensor, Tensor]:
+    """cos, sin [length, head_dim] for rotating pairs (i, i + head_dim / 2)."""
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [b, h, L, hd] rotated by position."""
+    half = x.shape[-1] // 2
+    turned = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + turned * sin
+
+
+class RotarySelfAttention(nn.Module):
+    def __init__(self, width: int, heads: int, theta: float, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.heads, self.theta, self.dropout = heads, theta, dropout
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        """x [b, L, d], mask [b, L] (True = real frame)."""
+        b, length, d = x.shape
+        q, k, v = self.qkv(x).view(b, length, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        cos, sin = rotary_tables(length, d // self.heads, self.theta, x.device, x.dtype)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :],
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(b, length, d))
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, width: int, hidden: int, dropout: float) -> None:
+        super().__init__(nn.LayerNorm(width), nn.Linear(width, hidden), nn.SiLU(), nn.Dropout(dropout),
+                         nn.Linear(hidden, width), nn.Dropout(dropout))
+
+
+class ConvModule(nn.Module):
+    """LayerNorm -> pointwise (2x) -> GLU -> depthwise conv (kernel k) -> LayerNorm -> SiLU -> pointwise."""
+
+    def __init__(self, width: int, kernel: int, dropout: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.pointwise_in = nn.Linear(width, 2 * width)
+        self.depthwise = nn.Conv1d(width, width, kernel, padding=kernel // 2, groups=width)
+        self.depthwise_norm = nn.LayerNorm(width)
+        self.pointwise_out = nn.Linear(width, width)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        h = F.glu(self.pointwise_in(self.norm(x)), dim=-1) * mask[..., None]
+        h = self.depthwise(h.transpose(1, 2)).transpose(1, 2)
+        return self.dropout(self.pointwise_out(F.silu(self.depthwise_norm(h))))
+
+
+class ConformerLayer(nn.Module):
+    def __init__(self, c: SpeechConfig) -> None:
+        super().__init__()
+        self.ffn1 = FeedForward(c.width, c.ffn_dim, c.dropout)
+        self.attn_norm = nn.LayerNorm(c.width)
+        self.attn = RotarySelfAttention(c.width, c.heads, c.rope_theta, c.dropout)
+        self.attn_dropout = nn.Dropout(c.dropout)
+        self.conv = ConvModule(c.width, c.conv_kernel, c.dropout)
+        self.ffn2 = FeedForward(c.width, c.ffn_dim, c.dropout)
+        self.norm = nn.LayerNorm(c.width)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        x = x + 0.5 * self.ffn1(x)
+        x = x + self.attn_dropout(self.attn(self.attn_norm(x), mask))
+        x = x + self.conv(x, mask)
+        x = x + 0.5 * self.ffn2(x)
+        return self.norm(x)
+
+
+def stack_frames(features: Tensor, lengths: Tensor, stack: int) -> tuple[Tensor, Tensor]:
+    """[b, T, n_mels], lengths [b] -> [b, ceil(T / stack), stack * n_mels] (zero-padded), new lengths."""
+    b, t, n = features.shape
+    pad = -t % stack
+    if pad:
+        features = F.pad(features, (0, 0, 0, pad))
+    return features.reshape(b, (t + pad) // stack, stack * n), -(-lengths // stack)
+
+
+def length_mask(lengths: Tensor, length: int) -> Tensor:
+    return torch.arange(length, device=lengths.device) < lengths[:, None]
+
+
+class ConformerEncoder(nn.Module):
+    """log-mel [b, T, n_mels] + lengths [b] -> states [b, ceil(T / 4), width] + mask [b, ceil(T / 4)]."""
+
+    def __init__(self, config: SpeechConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.input_proj = nn.Linear(config.stack * config.n_mels, config.width)
+        self.layers = nn.ModuleList([ConformerLayer(config) for _ in range(config.layers)])
+
+    def stack(self, features: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        return stack_frames(features, lengths, self.config.stack)
+
+    def forward(self, features: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        return self.forward_stacked(*self.stack(features, lengths))
+
+    def forward_stacked(self, stacked: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """Stacked frames [b, L, stack * n_mels] (BEST-RQ masks them here) -> states, mask."""
+        mask = length_mask(lengths, stacked.shape[1])
+        x = self.input_proj(stacked.to(self.input_proj.weight.dtype)) * mask[..., None]
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x * mask[..., None], mask

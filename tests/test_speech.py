@@ -1,0 +1,293 @@
+"""The speech path: Conformer, BEST-RQ, speech adapter, audio in the decoder input (or through
+cross-attention), the speech stages, transcribe / generate(audio=...) / `mm talk`."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+import mm
+from mm.cli import main
+from mm.data import read_manifest, write_shards
+from mm.stages import load_stage_config
+from mm.train import train
+from speech import AudioFeatures, BestRQ, BestRQConfig, ConformerEncoder, SpeechAdapter, SpeechConfig
+from speech.bestrq import span_mask
+
+TINY = SpeechConfig(width=32, layers=2, heads=2, ffn_dim=64, dropout=0.0)
+
+
+def tone(seconds: float, freq: float, rate: int = 16000, seed: int = 0) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    noise = np.random.default_rng(seed).normal(0, 0.01, t.shape)
+    return (0.3 * np.sin(2 * np.pi * freq * t) + noise).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = mm.load("tiny").eval()
+    with torch.no_grad():  # a random adapter, so that the speech visibly reaches the logits
+        for p in model.speech_adapter.parameters():
+            p.normal_(0, 0.5)
+    return model
+
+
+# ---- encoder and adapter ---------------------------------------------------------------------------
+def test_conformer_frames_and_padding_do_not_leak():
+    torch.manual_seed(0)
+    encoder = ConformerEncoder(TINY).eval()
+    short, long = torch.randn(37, 80), torch.randn(90, 80)
+    batch = AudioFeatures.pad([short, long])
+    with torch.no_grad():
+        states, mask = encoder(batch.features, batch.lengths)
+        alone, _ = encoder(short[None], torch.tensor([37]))
+    assert states.shape == (2, 23, 32) and mask.sum(1).tolist() == [10, 23]  # ceil(T / 4): 40 ms frames
+    assert torch.allclose(states[0, :10], alone[0], atol=1e-5)  # the longer row's padding changes nothing
+    assert states[0, 10:].abs().max() == 0
+
+
+def test_adapter_halves_the_frame_rate_to_the_decoder_width():
+    adapter = SpeechAdapter(TINY, d_model=48).eval()
+    states, mask = torch.randn(2, 23, 32), torch.arange(23)[None] < torch.tensor([[10], [23]])
+    out, out_mask = adapter(states, mask)
+    assert out.shape == (2, 12, 48) and out_mask.sum(1).tolist() == [5, 12]  # 80 ms
+    assert TINY.adapter_frames(37) == 5 and TINY.adapter_frames(90) == 12
+
+
+def test_rotary_attention_sees_order():
+    """Self-attention alone is a set operation; the rotary embedding makes it see positions."""
+    torch.manual_seed(0)
+    encoder = ConformerEncoder(SpeechConfig(width=32, layers=1, heads=2, ffn_dim=64, dropout=0.0, conv_kernel=1)).eval()
+    x = torch.randn(1, 40, 80)
+    reversed_frames = x.view(1, 10, 4, 80).flip(1).reshape(1, 40, 80)  # the same 40 ms frames, reversed
+    with torch.no_grad():
+        a, _ = encoder(x, torch.tensor([40]))
+        b, _ = encoder(reversed_frames, torch.tensor([40]))
+    assert (a - b.flip(1)).abs().max() > 1e-3
+
+
+# ---- BEST-RQ --------------------------------------------------------------------------------------
+def test_bestrq_targets_are_frozen_and_the_loss_is_on_masked_frames_only():
+    torch.manual_seed(0)
+    cfg = BestRQConfig(vocab=64, codebooks=4, mask_prob=0.05, span=8)
+    objective = BestRQ(ConformerEncoder(TINY), cfg)
+    again = BestRQ(ConformerEncoder(TINY), cfg)
+    assert not any("quantizer" in n for n, _ in objective.named_parameters())  # frozen: buffers, not trained
+    assert "quantizer.projection" not in objective.state_dict()  # nor saved: rebuilt from the seed
+    x = torch.randn(3, 120, 80)
+    stacked, _ = objective.encoder.stack(x, torch.tensor([120, 120, 120]))
+    assert torch.equal(objective.quantizer(stacked), again.quantizer(stacked))  # same targets everywhere
+    assert objective.quantizer(stacked).shape == (3, 30, 4)
+
+    lengths = torch.tensor([400, 200, 37])
+    mask = span_mask(lengths, 400, 0.05, 2, torch.Generator().manual_seed(0))
+    assert not mask[1, 200:].any() and not mask[2, 37:].any() and mask.any(1).all()
+    # spans: a masked frame's run is at least the span long, unless cut by the row's end
+    runs = torch.diff(torch.cat([torch.zeros(3, 1, dtype=torch.long), mask.long(), torch.zeros(3, 1, dtype=torch.long)], 1))
+    starts, ends = (runs == 1).nonzero()[:, 1], (runs == -1).nonzero()[:, 1]
+    assert ((ends - starts >= 2) | (ends == lengths[(runs == -1).nonzero()[:, 0]])).all()
+
+    # the loss ignores unmasked frames: changing the input there (without changing the masked
+    # frames' context much) leaves the heads' targets at masked frames the only ones that count
+    features = torch.randn(2, 160, 80)
+    loss, logged = objective(features, torch.tensor([160, 100]))
+    assert torch.isfinite(loss) and abs(float(logged) - np.log(64)) < 1.5  # near chance at init
+    loss.backward()
+    assert objective.heads.weight.grad.abs().sum() > 0 and objective.encoder.input_proj.weight.grad.abs().sum() > 0
+
+
+# ---- the composite model -------------------------------------------------------------------------------
+def test_speech_is_spliced_between_the_audio_tokens(tiny):
+    wave = torch.from_numpy(tone(1.0, 440))
+    batch = tiny.prepare([tiny.user_messages("what was said?", [], audios=[(wave, 16000)]),
+                          tiny.user_messages("no audio here", [])])
+    audio_id = tiny.media_token_ids["audio"]
+    frames = tiny.config.speech.adapter_frames(batch.audio.lengths[0])
+    assert int((batch.ids[0] == audio_id).sum()) == frames == 13  # 1 s: 101 mel frames -> 26 -> 13
+    assert int((batch.ids[1] == audio_id).sum()) == 0
+    with torch.no_grad():
+        out = tiny(batch.ids, batch.attention_mask, **batch.media()).logits
+        other = tiny.prepare([tiny.user_messages("what was said?", [], audios=[(torch.from_numpy(tone(1.0, 880)), 16000)]),
+                              tiny.user_messages("no audio here", [])])
+        out2 = tiny(other.ids, other.attention_mask, **other.media()).logits
+        bare = tiny.decoder(input_ids=batch.ids.clamp(max=tiny.decoder.config.vocab_size - 1),
+                            attention_mask=batch.attention_mask,
+                            position_ids=(batch.attention_mask.cumsum(-1) - 1).clamp(min=0)).logits
+    first = int((batch.ids[0] == audio_id).nonzero()[0])
+    real = batch.attention_mask[0].bool()
+    assert torch.allclose(out[0, :first][real[:first]], bare[0, :first][real[:first]], atol=1e-5)  # before: untouched
+    assert (out[0, first:] - out2[0, first:]).abs().max() > 1e-3  # the recording reaches every later row
+    assert torch.allclose(out[1][batch.attention_mask[1].bool()], bare[1][batch.attention_mask[1].bool()], atol=1e-5)
+
+
+def test_audio_token_count_must_match_the_recordings(tiny):
+    wave = (torch.from_numpy(tone(1.0, 440)), 16000)
+    batch = tiny.prepare([tiny.user_messages("x", [], audios=[wave])])
+    first = int((batch.ids[0] == tiny.media_token_ids["audio"]).nonzero()[0])
+    cut = torch.cat([batch.ids[:, :first], batch.ids[:, first + 1:]], 1)  # one audio position short
+    with pytest.raises(mm.InputError, match="positions for recordings of"):
+        tiny(cut, torch.ones_like(cut), **batch.media())
+
+
+def test_speech_through_cross_attention_starts_as_the_bare_decoder_and_then_listens():
+    torch.manual_seed(0)
+    model = mm.load("tiny", overrides=["speech.attach=cross_attention"]).eval()
+    assert len(model.xattn["audio"]) == len(model.image_layers)
+    wave = (torch.from_numpy(tone(1.0, 440)), 16000)
+    batch = model.prepare([model.user_messages("what was said?", [], audios=[wave])])
+    assert int((batch.ids == model.media_token_ids["audio"]).sum()) == 1  # one token: the blocks read the rest
+    with torch.no_grad():
+        out = model(batch.ids, batch.attention_mask, **batch.media()).logits
+        bare = model.decoder(inputs_embeds=model.embed(batch.ids)).logits
+        assert torch.allclose(out, bare, atol=1e-6)  # gates closed
+        for block in model.xattn["audio"]:
+            block.attn_gate.scale.fill_(1.0)
+            block.mlp_gate.scale.fill_(1.0)
+        opened = model(batch.ids, batch.attention_mask, **batch.media()).logits
+    assert (opened - bare).abs().max() > 1e-3
+    assert model.generate("", audio=wave, max_new_tokens=3) is not None
+
+
+def test_generate_transcribe_and_batches_of_audio(tiny, tmp_path):
+    path = tmp_path / "a.flac"
+    soundfile.write(path, tone(0.8, 300), 16000)
+    one = tiny.generate("", audio=str(path), max_new_tokens=4)
+    assert tiny.generate(["", "hello"], audio=[str(path), None], max_new_tokens=4)[0] == one  # batched = alone
+    assert isinstance(tiny.transcribe(str(path), max_new_tokens=4), str)
+    reply = tiny.chat([{"role": "user", "content": [{"type": "audio", "audio": str(path)}]}], max_new_tokens=4)
+    assert reply == one
+    assert "".join(tiny.stream("", audio=str(path), max_new_tokens=4)) == one
+    with pytest.raises(mm.InputError, match="missing.wav"):
+        tiny.generate("", audio=str(tmp_path / "missing.wav"))
+
+
+# ---- stages ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def speech_shards(tmp_path_factory):
+    """ASR and dialogue shards of short tone 'utterances' (a pitch per word), one corrupt file."""
+    root = tmp_path_factory.mktemp("speech")
+    words = ["one", "two", "three", "four"]
+    asr, dialogue = [], []
+    for i in range(24):
+        text = " ".join(words[(i + k) % 4] for k in range(1 + i % 3))
+        wave = np.concatenate([tone(0.25, 200 + 150 * words.index(w), seed=i) for w in text.split()])
+        soundfile.write(root / f"{i}.flac", wave, 16000)
+        asr.append({"audio": f"{i}.flac", "caption": text})
+        dialogue.append({"audio": f"{i}.flac", "question": text, "answer": f"you said {len(text.split())} words"})
+    (root / "bad.flac").write_bytes(b"not audio at all")
+    asr.append({"audio": "bad.flac", "caption": "broken"})
+    for name, rows in (("asr", asr), ("dialogue", dialogue)):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    asr_report = write_shards(read_manifest(root / "asr.jsonl"), root / "shards/asr", "captions", log=lambda _: None)
+    write_shards(read_manifest(root / "dialogue.jsonl"), root / "shards/dialogue", "qa", log=lambda _: None)
+    assert (asr_report.written, asr_report.skipped) == (24, 1)
+    return root / "shards"
+
+
+def stage_config(tmp_path, name, shards, extra=()):
+    return load_stage_config(f"configs/stages/{name}.yaml", [
+        "model=tiny", f"output={tmp_path / name}", f"data.shards={json.dumps([str(s) for s in shards])}",
+        "data.batch_size=8", "data.workers=0", "data.shuffle_buffer=10", "save_every=1000", *extra])
+
+
+def metrics(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_speech_ssl_then_sft_train_only_the_speech_path(speech_shards, tmp_path):
+    before = mm.load("tiny")
+    frozen = {k: v.clone() for k, v in before.state_dict().items() if not k.startswith(("encoders.audio", "speech_adapter"))}
+    ssl = stage_config(tmp_path, "speech_ssl", [speech_shards / "asr"], [
+        "optim.steps=40", "optim.warmup_steps=3", "optim.lr=3e-3", "bestrq={vocab: 32, codebooks: 2, span: 8, mask_prob: 0.05}"])
+    final = train(ssl)
+    losses = [m["loss"] for m in metrics(tmp_path / "speech_ssl")]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3, losses  # it learns the codewords
+    from safetensors.torch import load_file
+
+    saved = load_file(final / "adapters.safetensors")
+    assert saved and all(k.startswith("encoders.audio.") for k in saved)  # the heads are not the model's
+
+    sft = stage_config(tmp_path, "speech_sft", [speech_shards / "asr", speech_shards / "dialogue"], [
+        f"init={final}", "optim.steps=40", "optim.warmup_steps=3", "optim.lr=3e-3", "ctc_weight=0.3"])
+    final = train(sft)
+    losses = [m["loss"] for m in metrics(tmp_path / "speech_sft")]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5, losses
+    assert metrics(tmp_path / "speech_sft")[-1]["skipped"] == 0  # the corrupt file was refused when sharded
+    saved = load_file(final / "adapters.safetensors")
+    assert {k.split(".")[0] for k in saved} == {"encoders", "speech_adapter"}
+    model = mm.load(final)
+    assert model.decoder_sha256() == before.decoder_sha256()
+    for name, value in model.state_dict().items():
+        if name in frozen:
+            assert torch.equal(value, frozen[name]), name  # decoder, image and video paths untouched
+    assert isinstance(model.transcribe(str(speech_shards.parent / "0.flac"), max_new_tokens=4), str)
+
+
+# ---- mm talk ---------------------------------------------------------------------------------------
+def test_talk_prints_transcript_then_reply_and_speaks(tmp_path, capsys):
+    path = tmp_path / "q.wav"
+    soundfile.write(path, tone(0.6, 500), 16000)
+    assert main(["talk", "--model", "tiny", "--max-new-tokens", "3", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("you said:") and out[1].startswith("reply:")
+    if shutil.which("espeak-ng"):
+        assert main(["talk", "--model", "tiny", "--max-new-tokens", "3", str(path), "--speak", str(tmp_path / "r.wav")]) == 0
+        spoken, rate = soundfile.read(tmp_path / "r.wav")
+        assert rate > 0 and len(spoken) > 0
+
+
+def test_talk_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    assert main(["talk", "--model", "tiny", str(tmp_path / "nope.wav")]) == 2
+    err = capsys.readouterr().err
+    assert "nope.wav" in err and err.count("\n") == 1
+    silent = tmp_path / "silent.wav"
+    soundfile.write(silent, np.zeros(16000, dtype=np.float32), 16000)
+    assert main(["talk", "--model", "tiny", str(silent)]) == 2
+    assert "silent" in capsys.readouterr().err
+    path = tmp_path / "q.wav"
+    soundfile.write(path, tone(0.6, 500), 16000)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert main(["talk", "--model", "tiny", str(path), "--speak", str(tmp_path / "r.wav")]) == 2
+    err = capsys.readouterr().err
+    assert "espeak-ng is not installed" in err and err.count("\n") == 1
+    assert not (tmp_path / "r.wav").exists()
+
+
+def test_speech_ctc_stage_and_size_grouped_batches(speech_shards, tmp_path):
+    """speech_ctc trains the Conformer alone (no decoder in the loop); batches grouped by size
+    hold the same samples as plain batches, in an order fixed by the seed, with little padding."""
+    from mm.data import ShardBatches, SkipCounter, expand_shards, raw_samples
+    from mm.stages import CTCObjective, SpeechExamples, collate_speech
+
+    urls = expand_shards([str(speech_shards / "asr")])
+
+    def batches(group):
+        data = ShardBatches(urls, batch_size=4, decode=lambda s: (s["__key__"], len(s["flac"])),
+                            collate=lambda items: {"items": items}, seed=0, shuffle_buffer=1, group_by_size=group)
+        return [b["items"] for _, b in zip(range(6), iter(data))]
+
+    plain, grouped = batches(0), batches(3)
+    assert sorted(k for b in plain for k, _ in b) == sorted(k for b in grouped for k, _ in b)  # regrouped
+    assert grouped == batches(3)  # deterministic
+
+    def spread(bs):
+        return np.mean([max(n for _, n in b) - min(n for _, n in b) for b in bs])
+    assert spread(grouped) < spread(plain)
+
+    cfg = stage_config(tmp_path, "speech_ctc", [speech_shards / "asr"], [
+        "init=null", "optim.steps=30", "optim.warmup_steps=3", "optim.lr=3.0e-3", "data.group_by_size=2"])
+    final = train(cfg)
+    losses = [m["loss"] for m in metrics(tmp_path / "speech_ctc")]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5, losses
+    from safetensors.torch import load_file
+
+    assert all(k.startswith("encoders.audio.") for k in load_file(final / "adapters.safetensors"))
+    objective = CTCObjective(mm.load(final).encoders["audio"])
+    sample = next(iter(raw_samples(urls, 0, 1, SkipCounter())))
+    batch = collate_speech([SpeechExamples(mm.load("tiny"), transcripts=True)(sample)])
+    assert batch["ctc_lengths"][0] > 0 and isinstance(objective.greedy(batch["features"], batch["lengths"])[0], str)
