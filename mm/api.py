@@ -72,6 +72,9 @@ def save_checkpoint(model: MultimodalModel, path: str | Path) -> None:
 
 def read_checkpoint_meta(path: str | Path) -> dict:
     path = Path(path)
+    if not (path / CONFIG_FILE).is_file():
+        raise CheckpointError(path, "no such checkpoint (no config.yaml)" if not path.is_dir() or not any(path.iterdir())
+                              else "not a checkpoint directory (no config.yaml)")
     try:
         meta = yaml.safe_load((path / CONFIG_FILE).read_text())
     except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:

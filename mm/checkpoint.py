@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -26,6 +27,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@contextmanager
+def _write_errors(path: Path):
+    """A write that fails (disk full, quota, permissions) -> CheckpointError naming the target;
+    raised before anything is swapped in, so the previous version stays as it was."""
+    try:
+        yield
+    except OSError as e:
+        raise CheckpointError(path, f"could not be written ({e.strerror or e}); the previous version, "
+                                    "if any, is unchanged") from None
+
+
 def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call write(tmp_path), fsync, then rename over `path`: readers see old or new, never half."""
     path = Path(path)
@@ -34,9 +46,10 @@ def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     tmp = Path(tmp)
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        with _write_errors(path):
+            write(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
@@ -51,11 +64,12 @@ def write_dir_atomically(path: str | Path, write: Callable[[Path], None]) -> Non
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     old = path.with_name(f".{path.name}.old")
     try:
-        write(tmp)
-        for f in sorted(tmp.rglob("*")):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
+        with _write_errors(path):
+            write(tmp)
+            for f in sorted(tmp.rglob("*")):
+                if f.is_file():
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
         if old.exists():
             shutil.rmtree(old)
         if path.exists():
@@ -65,6 +79,16 @@ def write_dir_atomically(path: str | Path, write: Callable[[Path], None]) -> Non
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Temp files/dirs of writes that never finished (the process was killed mid-write) in
+    `folder`: they are invisible to readers; this removes them. Call before writing again."""
+    folder = Path(folder)
+    stale = sorted(folder.glob(".*.tmp")) if folder.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    return stale
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:

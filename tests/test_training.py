@@ -212,13 +212,21 @@ def test_average_of_checkpoints(tmp_path, shards):
 
 
 # ---- faults and processes --------------------------------------------------------------------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # a port no other run (another test session) is using now
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _run_stage(config: Path, extra_env=None, nproc: int = 1):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(extra_env or {})}
     if nproc == 1:
         cmd = [sys.executable, "-m", "mm", "train", str(config)]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", "29533", "-m", "mm.train", str(config)]
+               "--master_port", str(_free_port()), "-m", "mm.train", str(config)]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
