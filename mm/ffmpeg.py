@@ -23,7 +23,7 @@ def ffmpeg_errors(name, kind: str):
     except av.error.InvalidDataError as e:
         raise InputError(name, f"not {ARTICLE[kind]} or corrupt ({e.strerror or e})") from None
     except av.error.EOFError:
-        raise InputError(name, f"no decodable {kind} (the file ends before its first frame)") from None
+        raise InputError(name, f"no decodable {kind} frames (the file ends before its first frame)") from None
     except av.error.DecoderNotFoundError as e:
         raise InputError(name, f"unsupported {kind} codec ({e})") from None
     except (av.error.FFmpegError, OSError, ValueError, MemoryError) as e:

@@ -86,7 +86,7 @@ def evaluate(model_dir: Path) -> dict:
         figures[f"{key}_utterances"] = len(results)
         for voice in sorted({r["voice"] for r in results if r["voice"]}):
             figures[f"{key}[{voice}]"] = wer([r for r in results if r["voice"] == voice])
-    results = replies(model, rows("dialogue_heldout"), corpus.get("reply_tokens", 24))
+    results = replies(model, rows("dialogue_heldout"), corpus.get("max_new_tokens", 24))
     (RUN / "dialogue_heldout_replies.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
     figures["dialogue_agreement"] = round(sum(r["same"] for r in results) / max(1, len(results)), 4)
     figures["dialogue_questions"] = len(results)
