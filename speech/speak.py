@@ -32,6 +32,9 @@ def speak(text: str, out: str | Path, voice: str = "en-us", words_per_minute: in
                              capture_output=True, text=True)
         if run.returncode != 0 or os.path.getsize(tmp) == 0:
             raise InputError(out, f"espeak-ng failed (voice {voice!r}): {run.stderr.strip() or run.returncode}")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the reply is an ordinary file
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
