@@ -135,10 +135,14 @@ class CrossAttentionBlock(nn.Module):
         self.mlp_gate = TanhGate()
 
     def forward(self, x: Tensor, media: MediaContext) -> Tensor:
-        k, v = media.keys_values(self)
-        h = self.cross_attn(self.input_layernorm(x), k, v, media.mask)
+        return self.attend(x, *media.keys_values(self), media.mask, media.row_on)
+
+    def attend(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor, row_on: Tensor) -> Tensor:
+        """forward with the context's tensors given: k/v [b, kv_heads, m, hd] from `keys_values`,
+        mask [b, 1, q, m] and row_on [b, q, 1] from `set_queries`."""
+        h = self.cross_attn(self.input_layernorm(x), k, v, mask)
         if not self.attend_without_media:
-            h = h * media.row_on
+            h = h * row_on
         x = x + self.attn_gate(h)
-        h = self.mlp(self.post_attention_layernorm(x)) * media.row_on
+        h = self.mlp(self.post_attention_layernorm(x)) * row_on
         return x + self.mlp_gate(h)

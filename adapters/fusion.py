@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from torch import nn
+from torch import Tensor, nn
 
 from adapters.cross_attention import CrossAttentionBlock, MediaContext
 
@@ -59,15 +59,24 @@ class CrossAttentionFusion:
         finally:
             self._contexts = previous
 
+    def run(self, index: int, x: Tensor) -> Tensor:
+        """x [b, q, d] through the blocks before decoder layer `index` that have a context now
+        (what the hook does; callable directly by code that steps through the layers itself)."""
+        for name, block in self._at.get(index, ()):
+            context = self._contexts.get(name)
+            if context is not None:
+                x = block(x, context)
+        return x
+
+    def active(self, index: int) -> list[tuple[CrossAttentionBlock, MediaContext]]:
+        """The blocks before decoder layer `index` that have a context in the current scope."""
+        return [(block, self._contexts[name]) for name, block in self._at.get(index, ()) if name in self._contexts]
+
     def _hook(self, index: int):
         def run_blocks(module: nn.Module, args: tuple, kwargs: dict):
             if not self._contexts:
                 return None
-            x = args[0] if args else kwargs["hidden_states"]
-            for name, block in self._at[index]:
-                context = self._contexts.get(name)
-                if context is not None:
-                    x = block(x, context)
+            x = self.run(index, args[0] if args else kwargs["hidden_states"])
             if args:
                 return (x, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": x}

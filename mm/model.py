@@ -24,6 +24,7 @@ from mm.config import ImageAdapterConfig, ModelConfig
 from mm.decoders import freeze
 from mm.errors import ConfigError, InputError
 from mm.generation import Sampler, incremental_text
+from mm.llama_step import LlamaDecodeStep, supports
 from speech import AudioFeatures, AudioProcessor, ConformerEncoder, SpeechAdapter
 from video import FrameProcessor, TemporalAggregator
 from vision import ImageEncoder, ImageProcessor
@@ -33,6 +34,7 @@ from vision.transforms import TiledImages
 MEDIA_TOKENS = {"image": "<|image|>", "video": "<|video|>", "audio": "<|audio|>"}
 KINDS = tuple(MEDIA_TOKENS)
 ASR_PROMPT = "Repeat after me in {language}:"
+DECODE_MODES = ("lean", "compile", "plain")
 
 
 def cross_attention_layers(n_layers: int, every: int) -> list[int]:
@@ -114,6 +116,11 @@ class MultimodalModel(nn.Module):
         self.frame_processor = FrameProcessor(v.image_size, config.video.frames, v.mean, v.std)
         self.audio_processor = AudioProcessor(config.speech)
         self._decoder_sha256: str | None = None
+        # how decode() runs generated tokens: "lean" through mm.llama_step (the decoder's modules,
+        # pre-allocated cache, fewer steps per token), "compile" the same through torch.compile
+        # (pays off over long or many replies), "plain" through the decoder's forward
+        self.decode_mode = "lean"
+        self._lean: LlamaDecodeStep | None = None
 
     @staticmethod
     def _block(dc, attend_without_media: bool = False) -> CrossAttentionBlock:
@@ -389,10 +396,11 @@ class MultimodalModel(nn.Module):
 
     # ---- generation ----------------------------------------------------------------------
     @torch.inference_mode()
-    def decode(self, batch: Batch, max_new_tokens: int, sampler: Sampler) -> Iterator[Tensor]:
+    def decode(self, batch: Batch, max_new_tokens: int, sampler: Sampler,
+               min_new_tokens: int = 0) -> Iterator[Tensor]:
         """Yield the next token of every row [b] per step. Media keys/values are computed at the
         first step and reused from the MediaContext for every later one; rows that finished
-        get the pad token."""
+        get the pad token. End-of-turn tokens cannot be chosen before `min_new_tokens`."""
         ids, mask = batch.ids, batch.attention_mask
         media, spliced = self.media_inputs(ids, **batch.media())
         self.last_context = media["image"]  # kept for inspection (tests count key/value computations)
@@ -403,14 +411,29 @@ class MultimodalModel(nn.Module):
         embeds, positions = self.embed(ids, spliced), _positions(mask)
         query = torch.arange(ids.shape[1], device=ids.device)
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-        for _ in range(max_new_tokens):
-            for context in media.values():
-                if context is not None:
-                    context.set_queries(query)
-            with self.fusion.media(**media):
-                out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                                   past_key_values=cache, use_cache=True, logits_to_keep=1)
-            token = sampler(out.logits[:, -1]).masked_fill(done, pad)
+        # the prompt runs through the decoder's forward; each later token through the lean step
+        lean = self._lean_step()
+        for step in range(max_new_tokens):
+            if step == 0 or lean is None:
+                for context in media.values():
+                    if context is not None:
+                        context.set_queries(query)
+                with self.fusion.media(**media):
+                    out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                       past_key_values=cache, use_cache=True, logits_to_keep=1)
+                logits = out.logits[:, -1]
+                if lean is not None:
+                    for context in media.values():  # every media is visible to every new token
+                        if context is not None:
+                            context.set_queries(query[-1:] + 1)
+                    with self.fusion.media(**media):
+                        blocks = [self.fusion.active(i) for i in range(len(self.decoder.model.layers))]
+                    lean.start(cache, mask, positions[:, -1:] + 1, max_new_tokens, blocks)
+            else:
+                logits = lean(embeds)
+            if step < min_new_tokens:
+                logits = logits.index_fill(-1, stop, float("-inf"))
+            token = sampler(logits).masked_fill(done, pad)
             yield token
             done |= torch.isin(token, stop)
             if bool(done.all()):
@@ -419,6 +442,16 @@ class MultimodalModel(nn.Module):
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             positions = positions[:, -1:] + 1
             query = query[-1:] + 1
+
+    def _lean_step(self) -> LlamaDecodeStep | None:
+        if self.decode_mode not in DECODE_MODES:
+            raise ConfigError("decode_mode", f"{self.decode_mode!r} is not one of {', '.join(DECODE_MODES)}")
+        if self.decode_mode == "plain" or not supports(self.decoder):
+            return None
+        compile = self.decode_mode == "compile"
+        if self._lean is None or self._lean.compile != compile:  # kept: a compiled step is reused
+            self._lean = LlamaDecodeStep(self.decoder, compile=compile)
+        return self._lean
 
     def eos_token_ids(self) -> set[int]:
         ids = {self.tokenizer.eos_token_id}

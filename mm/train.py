@@ -300,6 +300,19 @@ def init_distributed() -> torch.device:
     return torch.device("cpu")
 
 
+def train_step(objective, optimizer, params: dict[str, torch.nn.Parameter], batch: dict, step: int, cfg) -> tuple:
+    """One optimizer step at the scheduled learning rate -> (loss to log, gradient norm)."""
+    factor = lr_factor(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+    loss, logged = objective(**batch)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return logged, grad_norm
+
+
 def train(cfg: StageConfig) -> Path:
     """Run (or resume) a stage; returns its final checkpoint directory."""
     device = init_distributed()
@@ -330,15 +343,9 @@ def train(cfg: StageConfig) -> Path:
         if progress.step >= cfg.optim.steps:
             break
         t0 = time.time()
-        factor = lr_factor(progress.step, cfg.optim)
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * factor
-        lr = cfg.optim.lr * factor
-        loss, logged = objective(**to_tensor_dict(batch, device))
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        lr = cfg.optim.lr * lr_factor(progress.step, cfg.optim)
+        logged, grad_norm = train_step(objective, optimizer, params, to_tensor_dict(batch, device), progress.step,
+                                       cfg.optim)
         n = int(all_reduce_sum(torch.tensor(batch["examples"])))
         progress.step, progress.batches = progress.step + 1, batch["batch_index"] + 1
         progress.skipped += int(all_reduce_sum(torch.tensor(batch["skipped"])))

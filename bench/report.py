@@ -1,0 +1,136 @@
+"""Printing, plotting and the RESULTS.md table of benchmark results."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+TARGETS = {"text": ">= 0.98", "prefill": ">= 1.0", "decode": ">= 1.0 (aim 1.3)"}
+
+
+def say(title: str, result: dict) -> None:
+    ratios = {k: round(v, 3) for k, v in _flat(result).items() if k.endswith("ratio")}
+    print(f"{title}: {ratios}", flush=True)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def plot(results: dict, path: Path) -> None:
+    """Decode time per token against the number of images and the prompt length, both sides."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scaling = results["scaling"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, x, label in ((axes[0], "by_images", "images", "images in the prompt (200 media tokens each)"),
+                              (axes[1], "by_prompt", "prompt_tokens", "prompt tokens (one image)")):
+        points = scaling[key]
+        xs = [p[x] for p in points]
+        for side, name in (("ours", "mm (this project)"), ("reference", "transformers Mllama")):
+            ax.plot(xs, [1000 * p[side]["decode_s_per_token"] for p in points], marker="o", label=name)
+        ax.set_xlabel(label)
+        ax.set_ylabel("decode ms / token")
+        ax.set_ylim(bottom=0)
+        if key == "by_prompt":
+            ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"Decode cost, {results['machine']['label']}, {scaling['new_tokens']} new tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _ms(s: float) -> str:
+    return f"{1000 * s:.1f} ms"
+
+
+def _section(name: str, r: dict) -> list[str]:
+    m = r["machine"]
+    lines = [f"## {m['label']}{' (quick run)' if r.get('quick') else ''}{_variant(name)}", "",
+             f"{m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB"
+             + (f", {m['gpu']}" if "gpu" in m else "")
+             + f"; torch {m['torch']}, transformers {m['transformers']}; {r['date']}, {r['seconds']} s.", "",
+             "| measurement | mm | reference | ratio (mm faster > 1) | target |", "|---|---|---|---|---|"]
+    if "text_only" in r:
+        t = r["text_only"]
+        lines += [f"| 1. text only, decode per token ({t['tokens']} new, greedy) | {_ms(t['ours']['decode_s_per_token'])} "
+                  f"| {_ms(t['reference']['decode_s_per_token'])} (LlamaForCausalLM.generate) "
+                  f"| **{t['decode_speed_ratio']:.3f}** | {TARGETS['text']} |",
+                  f"| 1. text only, whole reply incl. prompt | {t['ours']['total_s']:.2f} s | {t['reference']['total_s']:.2f} s "
+                  f"| {t['total_speed_ratio']:.3f} | |"]
+    if "image_qa" in r:
+        q = r["image_qa"]
+        lines += [f"| 2. image QA prefill ({q['tiles']} tiles, {q['prompt_tokens']} prompt tokens) "
+                  f"| {_ms(q['ours']['prefill_s'])} | {_ms(q['reference']['prefill_s'])} (MllamaForConditionalGeneration) "
+                  f"| **{q['prefill_speed_ratio']:.3f}** | {TARGETS['prefill']} |",
+                  f"| 2. image QA decode per token ({q['tokens']} new) | {_ms(q['ours']['decode_s_per_token'])} "
+                  f"| {_ms(q['reference']['decode_s_per_token'])} | **{q['decode_speed_ratio']:.3f}** "
+                  f"| {TARGETS['decode']} |"]
+    if "training" in r:
+        t = r["training"]
+        f, tr = t["frozen"], t["trainable"]
+        lines += [f"| 4. image_pretrain samples/s, batch {f['batch_size']} (decoder frozen vs trainable) "
+                  f"| {f['samples_per_s']:.2f} | {tr['samples_per_s']:.2f} | **{t['throughput_ratio']:.2f}** | |",
+                  f"| 4. peak memory (trainable / frozen) | {f['peak_memory_mb']:.0f} MiB | {tr['peak_memory_mb']:.0f} MiB "
+                  f"| **{t['memory_ratio']:.2f}** | |",
+                  f"| 5. data: images/s read+decoded+tiled (best of workers {', '.join(k[8:] for k in t['data']['images_per_s'])})"
+                  f" vs images/s a step consumes | {max(t['data']['images_per_s'].values()):.0f} "
+                  f"| {t['data']['consumed_per_s']:.2f} | **{t['data']['supply_ratio']:.0f}** | > 1 |",
+                  f"| 6. utilisation: training FLOP/s vs measured {t['utilisation']['matmul_dtype'][6:]} matmul FLOP/s "
+                  f"| {t['utilisation']['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s "
+                  f"| {t['utilisation']['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s | **{t['utilisation']['ratio']:.2f}** | |"]
+    for key, text in (("text_only", "1"), ("image_qa", "2")):
+        if key in r and not r[key]["same_tokens"]:
+            lines.append(f"\nNote: in {text}, the two sides produced different tokens.")
+    if "image_qa" in r or "text_only" in r:
+        same = all(r[k]["same_tokens"] for k in ("text_only", "image_qa") if k in r)
+        lines += ["", f"Both sides produced {'the same tokens' if same else 'DIFFERENT tokens'} "
+                      f"(medians of {r.get('image_qa', r.get('text_only'))['repeats']} alternating repeats)."]
+    if "scaling" in r:
+        s = r["scaling"]
+        lines += ["", f"3. Decode time per token ({s['new_tokens']} new tokens); plot: "
+                      f"[{name}-scaling.png]({Path('results') / (name + '-scaling.png')})", "",
+                  "| images | prompt tokens | mm | Mllama | ratio | media k/v computed per prompt (mm) |",
+                  "|---|---|---|---|---|---|"]
+        for p in s["by_images"] + s["by_prompt"][1:]:
+            kv = p.get("kv_computations_per_prompt", "-")
+            lines.append(f"| {p['images']} | {p['prompt_tokens']} | {_ms(p['ours']['decode_s_per_token'])} "
+                         f"| {_ms(p['reference']['decode_s_per_token'])} | {p['decode_speed_ratio']:.3f} | {kv} |")
+    return lines + [""]
+
+
+def _variant(name: str) -> str:
+    if name.endswith("plain-decode"):
+        return " — decode_mode plain (generated tokens through the decoder's forward: the 'before')"
+    if name.endswith("compile-decode"):
+        return " — decode_mode compile (the lean step through torch.compile; compilation not timed)"
+    return ""
+
+
+HEADER = """# Benchmarks
+
+`.venv/bin/python -m bench` (see bench/__main__.py) measures this project against its references
+in one run — text-only decoding against transformers' LlamaForCausalLM with the same bundled
+SmolLM2-135M-Instruct decoder; image question answering against transformers'
+MllamaForConditionalGeneration built with the same sizes, layer placement and weights (random,
+gates open; both sides produce the same tokens) — plus training, data and utilisation figures.
+Ratios are reference time / our time: above 1, this project is faster. Generated from
+bench/results/*.json; each section names the machine it ran on.
+"""
+
+
+def write_markdown(results_dir: Path, path: Path) -> None:
+    lines = [HEADER]
+    for f in sorted(results_dir.glob("*.json")):
+        lines += _section(f.stem, json.loads(f.read_text()))
+    path.write_text("\n".join(lines))
