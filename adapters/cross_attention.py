@@ -57,7 +57,7 @@ class MediaContext:
     tokens_per_media: int
     kv_cache: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
     kv_computations: int = 0
-    mask: Tensor | None = None  # [b, 1, q, kv] bool, True = may attend
+    mask: Tensor | None = None  # [b, 1, q, kv] additive: 0 may attend, -inf may not
     row_on: Tensor | None = None  # [b, q, 1]  1.0 where the row sees any media
 
     def set_queries(self, query_index: Tensor) -> None:
@@ -68,8 +68,11 @@ class MediaContext:
         visible = visible.repeat_interleave(self.tokens_per_media, dim=-1) & self.valid[:, None, :]
         row_on = visible.any(-1, keepdim=True)  # [b, q, 1]
         # Rows that see nothing attend everywhere (avoids an all-masked softmax -> NaN);
-        # their output is multiplied by 0 afterwards.
-        self.mask = (visible | ~row_on)[:, None]
+        # their output is multiplied by 0 afterwards. Additive (0 / -inf): SDPA would convert
+        # a bool mask in every block.
+        allowed = (visible | ~row_on)[:, None]
+        self.mask = torch.zeros(allowed.shape, dtype=self.states.dtype, device=allowed.device).masked_fill_(
+            ~allowed, float("-inf"))
         self.row_on = row_on.to(self.states.dtype)
 
     def keys_values(self, block: CrossAttentionBlock) -> tuple[Tensor, Tensor]:
@@ -101,7 +104,7 @@ class CrossAttention(nn.Module):
         return self.k_norm(k), v
 
     def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-        """x [b, q, d], k/v [b, kv_heads, m, hd], mask [b, 1, q, m] (True = attend) -> [b, q, d]."""
+        """x [b, q, d], k/v [b, kv_heads, m, hd], mask [b, 1, q, m] (additive) -> [b, q, d]."""
         b, q, _ = x.shape
         queries = self.q_norm(self.q_proj(x).view(b, q, self.n_heads, self.head_dim).transpose(1, 2))
         out = F.scaled_dot_product_attention(

@@ -8,6 +8,8 @@ requested number of tokens (and the same ones: `same_tokens` records it).
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 from PIL import Image
@@ -65,7 +67,10 @@ def _hf(reference, inputs: dict, n: int, stop: list[int], pad: int, clock: Token
 
 def _compare(setting: Setting, ours, theirs, repeats: int) -> dict:
     """Run both sides `repeats` times, alternating, after one warm-up each -> medians and ratios."""
-    ours(TokenClock(setting.device)), theirs(TokenClock(setting.device))  # warm-up: allocator, lazy init
+    t0 = time.perf_counter()
+    ours(TokenClock(setting.device))  # warm-up: allocator, lazy initialisation, compilation if any
+    first_call_s = time.perf_counter() - t0
+    theirs(TokenClock(setting.device))
     rows = {"ours": [], "reference": []}
     same = True
     for _ in range(repeats):
@@ -74,7 +79,8 @@ def _compare(setting: Setting, ours, theirs, repeats: int) -> dict:
             tokens = run(clock)
             rows[side].append((clock.prefill_s, clock.decode_s_per_token, tokens))
         same &= rows["ours"][-1][2] == rows["reference"][-1][2]
-    result = {"same_tokens": same, "tokens": len(rows["ours"][0][2]), "repeats": repeats}
+    result = {"same_tokens": same, "tokens": len(rows["ours"][0][2]), "repeats": repeats,
+              "ours_first_call_s": first_call_s}
     for side, runs in rows.items():
         result[side] = {"prefill_s": median([r[0] for r in runs]), "decode_s_per_token": median([r[1] for r in runs])}
     result["prefill_speed_ratio"] = result["reference"]["prefill_s"] / result["ours"]["prefill_s"]

@@ -89,6 +89,9 @@ def _section(name: str, r: dict) -> list[str]:
                   f"| 6. utilisation: training FLOP/s vs measured {t['utilisation']['matmul_dtype'][6:]} matmul FLOP/s "
                   f"| {t['utilisation']['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s "
                   f"| {t['utilisation']['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s | **{t['utilisation']['ratio']:.2f}** | |"]
+    if name.endswith("compile-decode"):
+        firsts = ", ".join(f"{r[k]['ours_first_call_s']:.0f} s ({k})" for k in ("text_only", "image_qa") if k in r)
+        lines.append(f"\nFirst reply, compilation included (not in the table): {firsts}.")
     for key, text in (("text_only", "1"), ("image_qa", "2")):
         if key in r and not r[key]["same_tokens"]:
             lines.append(f"\nNote: in {text}, the two sides produced different tokens.")

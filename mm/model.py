@@ -429,6 +429,7 @@ class MultimodalModel(nn.Module):
                     with self.fusion.media(**media):
                         blocks = [self.fusion.active(i) for i in range(len(self.decoder.model.layers))]
                     lean.start(cache, mask, positions[:, -1:] + 1, max_new_tokens, blocks)
+                    cache = None  # the step holds its own copy
             else:
                 logits = lean(embeds)
             if step < min_new_tokens:

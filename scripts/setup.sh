@@ -5,11 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# the speech proof's voices (espeak-ng), its sentences (fortunes) and an English word list (wamerican)
-if ! command -v espeak-ng >/dev/null 2>&1 || [ ! -d /usr/share/games/fortunes ] || [ ! -f /usr/share/dict/words ]; then
+# the speech proof's voices (espeak-ng), its sentences (fortunes), an English word list
+# (wamerican), and a C++ compiler for torch.compile on CPU (decode_mode "compile")
+if ! command -v espeak-ng >/dev/null 2>&1 || [ ! -d /usr/share/games/fortunes ] || [ ! -f /usr/share/dict/words ] \
+   || ! command -v g++ >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq espeak-ng fortunes wamerican >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq espeak-ng fortunes wamerican g++ >/dev/null
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv

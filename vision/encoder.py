@@ -240,7 +240,8 @@ class ImageEncoder(nn.Module):
         if pad:
             x = F.pad(x, (0, 0, 0, pad))  # zero tokens after each tile's own: (n, T, P+1+pad, w)
         x = x.flatten(1, 2)  # (n, T*(P+1+pad), w)
-        mask = self._attention_mask(n_tiles, t)
+        # additive (0 / -inf) rather than bool: SDPA turns a bool mask into this in every call
+        mask = _additive(self._attention_mask(n_tiles, t), x.dtype)
 
         taps = []
         for i, layer in enumerate(self.transformer.resblocks):
@@ -296,6 +297,11 @@ class ImageEncoder(nn.Module):
     def token_mask(self, n_tiles: Tensor, max_tiles: int) -> Tensor:
         """[n, T*tokens] bool: which output tokens come from used tiles."""
         return self._tile_mask(n_tiles, max_tiles, self.config.tokens_per_tile)[:, 0, 0]
+
+
+def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """Bool attention mask (True = may attend) -> 0 where True, -inf where False."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def _resample_positions(pos: Tensor, patches: int) -> Tensor:
