@@ -101,7 +101,8 @@ class CrossAttention(nn.Module):
         b, m, _ = media.shape
         k = self.k_proj(media).view(b, m, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(media).view(b, m, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        return self.k_norm(k), v
+        # contiguous once per prompt: the attention kernel would otherwise copy them at every token
+        return self.k_norm(k).contiguous(), v.contiguous()
 
     def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         """x [b, q, d], k/v [b, kv_heads, m, hd], mask [b, 1, q, m] (additive) -> [b, q, d]."""

@@ -11,6 +11,7 @@ Ratios are printed, never asserted: a benchmark does not fail on speed.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import re
 import subprocess
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if "text" in parts:
         results["text_only"] = decode.text_only(setting)
         report.say("text-only decode", results["text_only"])
+        gc.collect()  # the text-only models (reference cycles through their hooks) before the next part
     pair = decode.mllama_pair(setting) if {"image", "scaling"} & set(parts) else None
     if "image" in parts:
         results["image_qa"] = decode.image_qa(setting, pair)

@@ -68,6 +68,7 @@ class LlamaDecodeStep:
                 buffers.append(buffer)
         self.valid = torch.ones(b, 1, 1, total, dtype=torch.bool, device=attention_mask.device)
         self.valid[:, 0, 0, :length] = attention_mask.bool()
+        self.padded = not bool(attention_mask.all())
         self.slots = torch.arange(total, device=attention_mask.device)
         positions = next_position + torch.arange(max_new_tokens, device=next_position.device)  # [b, n]
         self.cos, self.sin = self.decoder.model.rotary_emb(self.keys[0], positions)  # [b, n, hd]
@@ -92,7 +93,7 @@ class LlamaDecodeStep:
             mask = valid & (slots <= slot)
         else:  # the filled part of the cache only
             cos, sin = cos[:, t: t + 1], sin[:, t: t + 1]
-            mask = valid[..., : slot + 1]
+            mask = valid[..., : slot + 1] if self.padded else None  # no padding: every filled slot is visible
         for i, layer in enumerate(self.layers):
             for block, k, v, block_mask, row_on in media[i]:
                 x = block.attend(x, k, v, block_mask, row_on)

@@ -414,24 +414,13 @@ class MultimodalModel(nn.Module):
         # the prompt runs through the decoder's forward; each later token through the lean step
         lean = self._lean_step()
         for step in range(max_new_tokens):
-            if step == 0 or lean is None:
-                for context in media.values():
-                    if context is not None:
-                        context.set_queries(query)
-                with self.fusion.media(**media):
-                    out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                                       past_key_values=cache, use_cache=True, logits_to_keep=1)
-                logits = out.logits[:, -1]
-                if lean is not None:
-                    for context in media.values():  # every media is visible to every new token
-                        if context is not None:
-                            context.set_queries(query[-1:] + 1)
-                    with self.fusion.media(**media):
-                        blocks = [self.fusion.active(i) for i in range(len(self.decoder.model.layers))]
-                    lean.start(cache, mask, positions[:, -1:] + 1, max_new_tokens, blocks)
-                    cache = None  # the step holds its own copy
-            else:
+            if lean is not None and step > 0:
                 logits = lean(embeds)
+            else:
+                logits = self._forward(embeds, mask, positions, query, media, cache)
+                if lean is not None:
+                    self._hand_over(lean, cache, mask, positions, query, media, max_new_tokens)
+                    cache = None  # the step holds its own copy
             if step < min_new_tokens:
                 logits = logits.index_fill(-1, stop, float("-inf"))
             token = sampler(logits).masked_fill(done, pad)
@@ -443,6 +432,25 @@ class MultimodalModel(nn.Module):
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             positions = positions[:, -1:] + 1
             query = query[-1:] + 1
+
+    def _forward(self, embeds, mask, positions, query, media: dict, cache) -> Tensor:
+        """The decoder's forward over new rows (the prompt, or one token) -> last logits [b, vocab]."""
+        for context in media.values():
+            if context is not None:
+                context.set_queries(query)
+        with self.fusion.media(**media):
+            out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                               past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1]
+
+    def _hand_over(self, lean: LlamaDecodeStep, cache, mask, positions, query, media: dict, max_new_tokens: int):
+        """Give the prompt's cache and the media blocks of every layer to the lean step."""
+        for context in media.values():  # every media is visible to every new token
+            if context is not None:
+                context.set_queries(query[-1:] + 1)
+        with self.fusion.media(**media):
+            blocks = [self.fusion.active(i) for i in range(len(self.decoder.model.layers))]
+        lean.start(cache, mask, positions[:, -1:] + 1, max_new_tokens, blocks)
 
     def _lean_step(self) -> LlamaDecodeStep | None:
         if self.decode_mode not in DECODE_MODES:
