@@ -70,7 +70,14 @@ def main(argv: list[str] | None = None) -> int:
                              "(the 'before' of mm.llama_step)")
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--render", action="store_true", help="only rebuild RESULTS.md and the plots from the JSON files")
     args = parser.parse_args(argv)
+    if args.render:
+        for f in args.out.glob("*.json"):
+            if "scaling" in json.loads(f.read_text()):
+                report.plot(json.loads(f.read_text()), args.out / f"{f.stem}-scaling.png")
+        report.write_markdown(args.out, args.out.parent / "RESULTS.md")
+        return 0
     setting = Setting(torch.device(args.device), getattr(torch, args.dtype), args.repeats, args.quick,
                       args.decode_mode)
     parts = args.only.split(",")

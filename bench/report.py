@@ -31,7 +31,7 @@ def plot(results: dict, path: Path) -> None:
 
     scaling = results["scaling"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, x, label in ((axes[0], "by_images", "images", "images in the prompt (200 media tokens each)"),
+    for ax, key, x, label in ((axes[0], "by_images", "images", "images in the prompt (one tile each)"),
                               (axes[1], "by_prompt", "prompt_tokens", "prompt tokens (one image)")):
         points = scaling[key]
         xs = [p[x] for p in points]
@@ -134,6 +134,6 @@ bench/results/*.json; each section names the machine it ran on.
 
 def write_markdown(results_dir: Path, path: Path) -> None:
     lines = [HEADER]
-    for f in sorted(results_dir.glob("*.json")):
+    for f in sorted(results_dir.glob("*.json"), key=lambda f: ("-decode" in f.stem, "-quick" in f.stem, f.stem)):
         lines += _section(f.stem, json.loads(f.read_text()))
     path.write_text("\n".join(lines))
