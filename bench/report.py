@@ -54,62 +54,80 @@ def _ms(s: float) -> str:
     return f"{1000 * s:.1f} ms"
 
 
+def _row(*cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
 def _section(name: str, r: dict) -> list[str]:
     m = r["machine"]
     lines = [f"## {m['label']}{' (quick run)' if r.get('quick') else ''}{_variant(name)}", "",
-             f"{m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB"
-             + (f", {m['gpu']}" if "gpu" in m else "")
+             f"{m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB" + (f", {m['gpu']}" if "gpu" in m else "")
              + f"; torch {m['torch']}, transformers {m['transformers']}; {r['date']}, {r['seconds']} s.", "",
-             "| measurement | mm | reference | ratio (mm faster > 1) | target |", "|---|---|---|---|---|"]
-    if "text_only" in r:
-        t = r["text_only"]
-        lines += [f"| 1. text only, decode per token ({t['tokens']} new, greedy) | {_ms(t['ours']['decode_s_per_token'])} "
-                  f"| {_ms(t['reference']['decode_s_per_token'])} (LlamaForCausalLM.generate) "
-                  f"| **{t['decode_speed_ratio']:.3f}** | {TARGETS['text']} |",
-                  f"| 1. text only, whole reply incl. prompt | {t['ours']['total_s']:.2f} s | {t['reference']['total_s']:.2f} s "
-                  f"| {t['total_speed_ratio']:.3f} | |"]
-    if "image_qa" in r:
-        q = r["image_qa"]
-        lines += [f"| 2. image QA prefill ({q['tiles']} tiles, {q['prompt_tokens']} prompt tokens) "
-                  f"| {_ms(q['ours']['prefill_s'])} | {_ms(q['reference']['prefill_s'])} (MllamaForConditionalGeneration) "
-                  f"| **{q['prefill_speed_ratio']:.3f}** | {TARGETS['prefill']} |",
-                  f"| 2. image QA decode per token ({q['tokens']} new) | {_ms(q['ours']['decode_s_per_token'])} "
-                  f"| {_ms(q['reference']['decode_s_per_token'])} | **{q['decode_speed_ratio']:.3f}** "
-                  f"| {TARGETS['decode']} |"]
-    if "training" in r:
-        t = r["training"]
-        f, tr = t["frozen"], t["trainable"]
-        lines += [f"| 4. image_pretrain samples/s, batch {f['batch_size']} (decoder frozen vs trainable) "
-                  f"| {f['samples_per_s']:.2f} | {tr['samples_per_s']:.2f} | **{t['throughput_ratio']:.2f}** | |",
-                  f"| 4. peak memory (trainable / frozen) | {f['peak_memory_mb']:.0f} MiB | {tr['peak_memory_mb']:.0f} MiB "
-                  f"| **{t['memory_ratio']:.2f}** | |",
-                  f"| 5. data: images/s read+decoded+tiled (best of workers {', '.join(k[8:] for k in t['data']['images_per_s'])})"
-                  f" vs images/s a step consumes | {max(t['data']['images_per_s'].values()):.0f} "
-                  f"| {t['data']['consumed_per_s']:.2f} | **{t['data']['supply_ratio']:.0f}** | > 1 |",
-                  f"| 6. utilisation: training FLOP/s vs measured {t['utilisation']['matmul_dtype'][6:]} matmul FLOP/s "
-                  f"| {t['utilisation']['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s "
-                  f"| {t['utilisation']['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s | **{t['utilisation']['ratio']:.2f}** | |"]
+             _row("measurement", "mm", "reference", "ratio (mm faster > 1)", "target"), _row(*["---"] * 5)]
+    lines += _generation_rows(r) + _training_rows(r)
     if name.endswith("compile-decode"):
         firsts = ", ".join(f"{r[k]['ours_first_call_s']:.0f} s ({k})" for k in ("text_only", "image_qa") if k in r)
         lines.append(f"\nFirst reply, compilation included (not in the table): {firsts}.")
-    for key, text in (("text_only", "1"), ("image_qa", "2")):
-        if key in r and not r[key]["same_tokens"]:
-            lines.append(f"\nNote: in {text}, the two sides produced different tokens.")
-    if "image_qa" in r or "text_only" in r:
-        same = all(r[k]["same_tokens"] for k in ("text_only", "image_qa") if k in r)
+    compared = [r[k] for k in ("text_only", "image_qa") if k in r]
+    if compared:
+        same = all(c["same_tokens"] for c in compared)
         lines += ["", f"Both sides produced {'the same tokens' if same else 'DIFFERENT tokens'} "
-                      f"(medians of {r.get('image_qa', r.get('text_only'))['repeats']} alternating repeats)."]
-    if "scaling" in r:
-        s = r["scaling"]
-        lines += ["", f"3. Decode time per token ({s['new_tokens']} new tokens); plot: "
-                      f"[{name}-scaling.png]({Path('results') / (name + '-scaling.png')})", "",
-                  "| images | prompt tokens | mm | Mllama | ratio | media k/v computed per prompt (mm) |",
-                  "|---|---|---|---|---|---|"]
-        for p in s["by_images"] + s["by_prompt"][1:]:
-            kv = p.get("kv_computations_per_prompt", "-")
-            lines.append(f"| {p['images']} | {p['prompt_tokens']} | {_ms(p['ours']['decode_s_per_token'])} "
-                         f"| {_ms(p['reference']['decode_s_per_token'])} | {p['decode_speed_ratio']:.3f} | {kv} |")
-    return lines + [""]
+                      f"(medians of {compared[0]['repeats']} alternating repeats)."]
+    return lines + _scaling_rows(name, r) + [""]
+
+
+def _generation_rows(r: dict) -> list[str]:
+    rows = []
+    if "text_only" in r:
+        t, o, ref = r["text_only"], r["text_only"]["ours"], r["text_only"]["reference"]
+        rows += [_row(f"1. text only, decode per token ({t['tokens']} new, greedy)", _ms(o["decode_s_per_token"]),
+                      f"{_ms(ref['decode_s_per_token'])} (LlamaForCausalLM.generate)",
+                      f"**{t['decode_speed_ratio']:.3f}**", TARGETS["text"]),
+                 _row("1. text only, whole reply incl. prompt", f"{o['total_s']:.2f} s", f"{ref['total_s']:.2f} s",
+                      f"{t['total_speed_ratio']:.3f}", "")]
+    if "image_qa" in r:
+        q, o, ref = r["image_qa"], r["image_qa"]["ours"], r["image_qa"]["reference"]
+        rows += [_row(f"2. image QA prefill ({q['tiles']} tiles, {q['prompt_tokens']} prompt tokens)",
+                      _ms(o["prefill_s"]), f"{_ms(ref['prefill_s'])} (MllamaForConditionalGeneration)",
+                      f"**{q['prefill_speed_ratio']:.3f}**", TARGETS["prefill"]),
+                 _row(f"2. image QA decode per token ({q['tokens']} new)", _ms(o["decode_s_per_token"]),
+                      _ms(ref["decode_s_per_token"]), f"**{q['decode_speed_ratio']:.3f}**", TARGETS["decode"])]
+    return rows
+
+
+def _training_rows(r: dict) -> list[str]:
+    if "training" not in r:
+        return []
+    t = r["training"]
+    f, tr, data, use = t["frozen"], t["trainable"], t["data"], t["utilisation"]
+    workers = ", ".join(k.removeprefix("workers_") for k in data["images_per_s"])
+    return [
+        _row(f"4. image_pretrain samples/s, batch {f['batch_size']} (decoder frozen vs trainable)",
+             f"{f['samples_per_s']:.2f}", f"{tr['samples_per_s']:.2f}", f"**{t['throughput_ratio']:.2f}**", ""),
+        _row("4. peak memory (trainable / frozen)", f"{f['peak_memory_mb']:.0f} MiB", f"{tr['peak_memory_mb']:.0f} MiB",
+             f"**{t['memory_ratio']:.2f}**", ""),
+        _row(f"5. data: images/s read+decoded+tiled (best of workers {workers}) vs images/s a step consumes",
+             f"{max(data['images_per_s'].values()):.0f}", f"{data['consumed_per_s']:.2f}",
+             f"**{data['supply_ratio']:.0f}**", "> 1"),
+        _row(f"6. utilisation: training FLOP/s vs measured {use['matmul_dtype'].removeprefix('torch.')} matmul FLOP/s",
+             f"{use['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s", f"{use['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s",
+             f"**{use['ratio']:.2f}**", ""),
+    ]
+
+
+def _scaling_rows(name: str, r: dict) -> list[str]:
+    if "scaling" not in r:
+        return []
+    s = r["scaling"]
+    lines = ["", f"3. Decode time per token ({s['new_tokens']} new tokens); plot: "
+                 f"[{name}-scaling.png]({Path('results') / (name + '-scaling.png')})", "",
+             _row("images", "prompt tokens", "mm", "Mllama", "ratio", "media k/v computed per prompt (mm)"),
+             _row(*["---"] * 6)]
+    for p in s["by_images"] + s["by_prompt"][1:]:  # by_prompt[0] is the one-image, 128-token point again
+        lines.append(_row(p["images"], p["prompt_tokens"], _ms(p["ours"]["decode_s_per_token"]),
+                          _ms(p["reference"]["decode_s_per_token"]), f"{p['decode_speed_ratio']:.3f}",
+                          p.get("kv_computations_per_prompt", "-")))
+    return lines
 
 
 def _variant(name: str) -> str:
