@@ -429,9 +429,10 @@ class MultimodalModel(nn.Module):
             if bool(done.all()):
                 break
             embeds = self.embed(token[:, None])
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            positions = positions[:, -1:] + 1
-            query = query[-1:] + 1
+            if lean is None:  # the lean step keeps its own mask and positions
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+                positions = positions[:, -1:] + 1
+                query = query[-1:] + 1
 
     def _forward(self, embeds, mask, positions, query, media: dict, cache) -> Tensor:
         """The decoder's forward over new rows (the prompt, or one token) -> last logits [b, vocab]."""
