@@ -85,6 +85,8 @@ class Task:
         self.objective = LMObjective(self.model, cfg.ctc_weight)
         if self.objective.ctc is not None:
             self.aux = self.objective.ctc
+            if cfg.init:
+                carry_ctc_head(Path(cfg.init), self.aux)
             self.trainable.update({f"ctc.{k}": v for k, v in self.aux.named_parameters()})
         pad = self.model.tokenizer.pad_token_id or 0
         self.decode = LMExamples(self.model, cfg.data.kind, cfg.max_text_tokens, cfg.data.augment.transform(),
@@ -108,6 +110,20 @@ class Task:
             return []
         names = [f"model.{n}" for n, _ in self.model.decoder.named_parameters(prefix="decoder")]
         return names + [f"model.{n}" for n, _ in self.model.decoder.named_buffers(prefix="decoder")]
+
+
+def carry_ctc_head(init: Path, head: torch.nn.Module) -> bool:
+    """Start speech_sft's CTC head from the one its init checkpoint trained (speech_ctc keeps it
+    beside the optimizer state), so that a fresh head does not pull on an encoder that already
+    reads: True when one was there."""
+    path = init / STATE_FILE
+    if not path.is_file():
+        return False
+    state = {k[len("aux."):]: v for k, v in load_tensors(path).items() if k.startswith("aux.head.")}
+    if set(state) != set(head.state_dict()) or any(v.shape != head.state_dict()[k].shape for k, v in state.items()):
+        return False
+    head.load_state_dict(state)
+    return True
 
 
 def lr_factor(step: int, cfg) -> float:

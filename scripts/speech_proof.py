@@ -10,6 +10,8 @@ agreement.
 Held-out figures:
   wer                  sentences never in training, spoken by the training voices
   wer_heldout_voices   the same sentences, spoken by voices never used in training
+  *_ctc_head           the same, read by the Conformer's character CTC head alone (greedy, no
+                       decoder): what the encoder hears
   dialogue_agreement   held-out spoken questions whose reply equals, token for token, the bare
                        decoder's greedy reply to the typed question (the training target of
                        spoken dialogue is that reply)
@@ -69,6 +71,32 @@ def replies(model, items: list[dict], max_new_tokens: int, batch_size: int = 16)
     return out
 
 
+def ctc_transcripts(model, model_dir: Path, items: list[dict], batch_size: int = 16) -> list[dict] | None:
+    """Best-path transcripts of the Conformer's character CTC head alone (no decoder): what the
+    encoder hears. None when the run trained no CTC head."""
+    import torch
+
+    from mm.evaluate import word_errors
+    from mm.stages import CTCObjective, SpeechCTC
+    from mm.train import carry_ctc_head
+    from speech import AudioFeatures
+
+    head = SpeechCTC(model.encoders["audio"].config.width)
+    if not carry_ctc_head(model_dir, head):
+        return None
+    objective = CTCObjective(model.encoders["audio"]).eval()
+    objective.ctc = head
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(items), batch_size):
+            chunk = items[i:i + batch_size]
+            batch = AudioFeatures.pad([model.audio_processor.features(audio_path(r)) for r in chunk])
+            for r, hyp in zip(chunk, objective.greedy(batch.features, batch.lengths)):
+                errors, words = word_errors(r["caption"], hyp)
+                out.append({"reference": r["caption"], "hypothesis": hyp, "errors": errors, "words": words})
+    return out
+
+
 def wer(results: list[dict]) -> float:
     return round(sum(r["errors"] for r in results) / max(1, sum(r["words"] for r in results)), 4)
 
@@ -84,6 +112,9 @@ def evaluate(model_dir: Path) -> dict:
         (RUN / f"{name}_transcripts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
         figures[key] = wer(results)
         figures[f"{key}_utterances"] = len(results)
+        heard = ctc_transcripts(model, model_dir, rows(name))
+        if heard is not None:
+            figures[f"{key}_ctc_head"] = wer(heard)
         for voice in sorted({r["voice"] for r in results if r["voice"]}):
             figures[f"{key}[{voice}]"] = wer([r for r in results if r["voice"] == voice])
     results = replies(model, rows("dialogue_heldout"), corpus.get("max_new_tokens", 24))

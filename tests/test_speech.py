@@ -291,3 +291,13 @@ def test_speech_ctc_stage_and_size_grouped_batches(speech_shards, tmp_path):
     sample = next(iter(raw_samples(urls, 0, 1, SkipCounter())))
     batch = collate_speech([SpeechExamples(mm.load("tiny"), transcripts=True)(sample)])
     assert batch["ctc_lengths"][0] > 0 and isinstance(objective.greedy(batch["features"], batch["lengths"])[0], str)
+
+    # speech_sft with a CTC loss starts from the head speech_ctc trained, not a fresh one
+    from mm.checkpoint import load_tensors
+    from mm.train import Task
+
+    sft = Task(stage_config(tmp_path, "speech_sft", [speech_shards / "asr"], [f"init={final}", "ctc_weight=0.3"]))
+    trained = load_tensors(final / "trainer.safetensors")
+    assert torch.equal(sft.aux.head.weight, trained["aux.head.weight"])
+    fresh = Task(stage_config(tmp_path, "speech_sft", [speech_shards / "asr"], ["init=null", "ctc_weight=0.3"]))
+    assert not torch.equal(fresh.aux.head.weight, trained["aux.head.weight"])
