@@ -10,7 +10,7 @@ no reader takes it for a video.
 
 Reading is one readable list of steps (webdataset stages):
 
-    shard list (shuffled per epoch) -> tar to samples -> shuffle buffer -> global batches
+    shard list (shuffled per epoch) -> tar to samples (OPEN_SHARDS interleaved) -> shuffle buffer -> global batches
     -> this process's slice of each batch -> decode + preprocess -> collate
 
 The sample order depends only on (seed, epoch), never on the number of processes or data
@@ -168,14 +168,37 @@ class SkipCounter:
         return n
 
 
+OPEN_SHARDS = 4  # shards read at once, sample by sample in a seeded random interleaving
+
+
+def interleaved_shards(order: list[str], rng: random.Random, skipped: SkipCounter) -> Iterator[dict]:
+    """The samples of the shards in `order`, OPEN_SHARDS of them read at once and each next sample
+    taken from one of the open shards at random. A small source that fills one shard (900 spoken
+    questions beside 9 shards of transcripts) is then spread over the epoch rather than arriving
+    as one block that a shuffle buffer only blurs at its edges."""
+    pending = iter(order)
+    open_ = []
+    while True:
+        while len(open_) < OPEN_SHARDS and (url := next(pending, None)) is not None:
+            open_.append(iter(wds.tarfile_samples([{"url": url}], handler=skipped)))
+        if not open_:
+            return
+        i = rng.randrange(len(open_))
+        sample = next(open_[i], None)
+        if sample is None:
+            open_.pop(i)
+        else:
+            yield sample
+
+
 def raw_samples(urls: list[str], seed: int, shuffle_buffer: int, skipped: SkipCounter) -> Iterator[dict]:
-    """An endless stream of raw samples: epoch e reads the shards in an order and through a
-    shuffle buffer both seeded by (seed, e)."""
+    """An endless stream of raw samples: epoch e reads the shards in an order, interleaved and
+    through a shuffle buffer, all seeded by (seed, e)."""
     for epoch in itertools.count():
         rng = random.Random(seed * 1_000_003 + epoch)
         order = list(urls)
         rng.shuffle(order)
-        stream = wds.tarfile_samples([{"url": u} for u in order], handler=skipped)
+        stream = interleaved_shards(order, rng, skipped)
         if shuffle_buffer > 1:
             stream = wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=rng)(stream)
         count = 0

@@ -112,6 +112,22 @@ def test_batch_order_is_the_same_for_any_workers_processes_and_resume(shards):
     assert single[:6] != single[6:9] + single[:3]  # the next epoch is shuffled anew
 
 
+def test_a_source_of_one_shard_is_spread_over_the_epoch(tmp_path, shards):
+    """Shards are read a few at a time, interleaved sample by sample: the one shard of a small
+    source does not arrive as a block (even with no shuffle buffer), and every sample comes once."""
+    from mm.data import OPEN_SHARDS, SkipCounter, raw_samples
+
+    rows = [{"image": str(shards / "000.png"), "caption": f"extra {i}"} for i in range(8)]
+    write_shards(rows, tmp_path / "small", "captions", log=lambda m: None)
+    urls = expand_shards([str(shards / "captions"), str(tmp_path / "small")])  # 3 shards of 16, 1 of 8
+    assert len(urls) <= OPEN_SHARDS
+    stream = raw_samples(urls, 0, 1, SkipCounter())
+    epoch = [next(stream)["__url__"] for _ in range(56)]
+    small = [i for i, url in enumerate(epoch) if "small" in url]
+    assert len(small) == 8 and max(small) - min(small) > 16  # a block would span 7
+    assert len({url for url in epoch[:8]}) > 1
+
+
 def test_corrupt_samples_and_shards_are_skipped_and_counted(tmp_path, shards):
     bad = tmp_path / "bad"
     bad.mkdir()
