@@ -120,7 +120,8 @@ def carry_ctc_head(init: Path, head: torch.nn.Module) -> bool:
     if not path.is_file():
         return False
     state = {k[len("aux."):]: v for k, v in load_tensors(path).items() if k.startswith("aux.head.")}
-    if set(state) != set(head.state_dict()) or any(v.shape != head.state_dict()[k].shape for k, v in state.items()):
+    expected = {k: v.shape for k, v in head.state_dict().items()}
+    if {k: v.shape for k, v in state.items()} != expected:
         return False
     head.load_state_dict(state)
     return True

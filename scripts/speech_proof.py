@@ -74,26 +74,21 @@ def replies(model, items: list[dict], max_new_tokens: int, batch_size: int = 16)
 def ctc_transcripts(model, model_dir: Path, items: list[dict], batch_size: int = 16) -> list[dict] | None:
     """Best-path transcripts of the Conformer's character CTC head alone (no decoder): what the
     encoder hears. None when the run trained no CTC head."""
-    import torch
-
     from mm.evaluate import word_errors
-    from mm.stages import CTCObjective, SpeechCTC
+    from mm.stages import CTCObjective
     from mm.train import carry_ctc_head
     from speech import AudioFeatures
 
-    head = SpeechCTC(model.encoders["audio"].config.width)
-    if not carry_ctc_head(model_dir, head):
-        return None
     objective = CTCObjective(model.encoders["audio"]).eval()
-    objective.ctc = head
+    if not carry_ctc_head(model_dir, objective.ctc):
+        return None
     out = []
-    with torch.no_grad():
-        for i in range(0, len(items), batch_size):
-            chunk = items[i:i + batch_size]
-            batch = AudioFeatures.pad([model.audio_processor.features(audio_path(r)) for r in chunk])
-            for r, hyp in zip(chunk, objective.greedy(batch.features, batch.lengths)):
-                errors, words = word_errors(r["caption"], hyp)
-                out.append({"reference": r["caption"], "hypothesis": hyp, "errors": errors, "words": words})
+    for i in range(0, len(items), batch_size):
+        chunk = items[i:i + batch_size]
+        batch = AudioFeatures.pad([model.audio_processor.features(audio_path(r)) for r in chunk])
+        for r, hyp in zip(chunk, objective.greedy(batch.features, batch.lengths)):
+            errors, words = word_errors(r["caption"], hyp)
+            out.append({"reference": r["caption"], "hypothesis": hyp, "errors": errors, "words": words})
     return out
 
 

@@ -122,7 +122,9 @@ def test_a_source_of_one_shard_is_spread_over_the_epoch(tmp_path, shards):
     urls = expand_shards([str(shards / "captions"), str(tmp_path / "small")])  # 3 shards of 16, 1 of 8
     assert len(urls) <= OPEN_SHARDS
     stream = raw_samples(urls, 0, 1, SkipCounter())
-    epoch = [next(stream)["__url__"] for _ in range(56)]
+    samples = [next(stream) for _ in range(56)]
+    assert len({(s["__url__"], s["__key__"]) for s in samples}) == 56
+    epoch = [s["__url__"] for s in samples]
     small = [i for i, url in enumerate(epoch) if "small" in url]
     assert len(small) == 8 and max(small) - min(small) > 16  # a block would span 7
     assert len({url for url in epoch[:8]}) > 1
