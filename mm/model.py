@@ -9,6 +9,7 @@ frozen here, and `trainable_parameters` never returns one of its parameters.
 """
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from mm.errors import ConfigError, InputError
 from mm.generation import Sampler, incremental_text
 from mm.llama_step import LlamaDecodeStep, supports
 from speech import AudioFeatures, AudioProcessor, ConformerEncoder, SpeechAdapter
+from speech.adapter import token_runs
 from video import FrameProcessor, TemporalAggregator
 from vision import ImageEncoder, ImageProcessor
 from vision.tiling import aspect_ratio_id
@@ -33,8 +35,10 @@ from vision.transforms import TiledImages
 
 MEDIA_TOKENS = {"image": "<|image|>", "video": "<|video|>", "audio": "<|audio|>"}
 KINDS = tuple(MEDIA_TOKENS)
-ASR_PROMPT = "Repeat after me in {language}:"
+# the recording follows the instruction, as a user would say it
+ASR_PROMPT = "Repeat after me in {language}: <|audio|>"
 DECODE_MODES = ("lean", "compile", "plain")
+FEATURE_SECONDS = 0.01  # one log-mel frame per 10 ms
 
 
 def cross_attention_layers(n_layers: int, every: int) -> list[int]:
@@ -50,6 +54,42 @@ def image_adapter_layers(adapter: ImageAdapterConfig, n_layers: int) -> list[int
     if outside:
         raise ConfigError("image_adapter.layers", f"{outside} outside the decoder's layers 0..{n_layers - 1}")
     return list(adapter.layers)
+
+
+@dataclass
+class DecoderInputs:
+    """What the decoder reads for a batch once its media are encoded: the ids (with speech
+    spliced into the input, each audio token expanded to its recording's positions), their mask
+    and labels (None when not training), the cross-attention contexts by kind, and the speech
+    embeddings [k, d] that replace the k audio-token positions in row-major order (or None)."""
+
+    ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor | None
+    media: dict
+    spliced: Tensor | None
+
+
+def expand_positions(ids: Tensor, attention_mask: Tensor, labels: Tensor | None, at: Tensor, counts: Tensor,
+                     pad_id: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Repeat each position flagged in `at` [b, L] (row-major order) counts[k] times, 0 removing
+    it; rows are re-padded on the side they were padded on (right when a row ends in padding,
+    else left), labels with -100 (cross-entropy's ignore index)."""
+    repeats = torch.ones_like(ids)
+    repeats[at] = counts.to(ids)
+    repeats = repeats * attention_mask.to(ids)
+    left = not bool((attention_mask[:, -1] == 0).any())
+    width = max(int(repeats.sum(1).max()), 1)
+    new_ids = ids.new_full((ids.shape[0], width), pad_id)
+    new_mask = attention_mask.new_zeros((ids.shape[0], width))
+    new_labels = None if labels is None else labels.new_full((ids.shape[0], width), -100)
+    for r in range(ids.shape[0]):
+        row = ids[r].repeat_interleave(repeats[r])
+        cols = slice(width - len(row), width) if left else slice(0, len(row))
+        new_ids[r, cols], new_mask[r, cols] = row, 1
+        if labels is not None:
+            new_labels[r, cols] = labels[r].repeat_interleave(repeats[r])
+    return new_ids, new_mask, new_labels
 
 
 @dataclass
@@ -221,21 +261,31 @@ class MultimodalModel(nn.Module):
         states, mask = self.encoders["audio"](audio.features.to(self.media_embedding.weight.dtype), audio.lengths)
         return self.speech_adapter(states, mask)
 
-    def audio_inputs(self, ids: Tensor, audio: AudioFeatures | None, audio_rows: Tensor | None):
-        """-> (MediaContext or None, spliced embeddings or None): how the speech reaches the
-        decoder, by speech.attach. Spliced: every recording fills the run of audio tokens that
-        `prepare` put in its place, one token per adapter output."""
-        if audio is None or len(audio) == 0:
-            return None, None
+    def audio_inputs(self, ids: Tensor, attention_mask: Tensor, labels: Tensor | None, audio: AudioFeatures,
+                     audio_rows: Tensor) -> tuple:
+        """-> (MediaContext or None, spliced embeddings or None, ids, attention_mask, labels): how
+        the speech reaches the decoder, by speech.attach. Spliced: every recording fills the run
+        of audio tokens that `prepare` put in its place, one token per adapter output; with
+        adapter.tokens, `prepare` puts one audio token per recording, expanded here to as many
+        as the recording has token runs (speech/adapter.py)."""
         states, valid = self.encode_audio(audio)
         if self.config.speech.attach == "cross_attention":
-            return self._context("audio", ids, states, valid, audio_rows), None
-        rows = (ids == self.media_token_ids["audio"]).nonzero(as_tuple=True)[0]
-        expected = audio_rows.to(rows.device).repeat_interleave(valid.sum(1))
+            return self._context("audio", ids, states, valid, audio_rows), None, ids, attention_mask, labels
+        at = ids == self.media_token_ids["audio"]
+        rows = at.nonzero(as_tuple=True)[0]
+        head = self.speech_adapter.tokens
+        per_recording = valid.sum(1) if head is None else torch.ones_like(audio_rows)
+        expected = audio_rows.to(rows.device).repeat_interleave(per_recording.to(rows.device))
         if rows.numel() != expected.numel() or not torch.equal(rows, expected):
             raise InputError("prompt", f"{rows.numel()} {MEDIA_TOKENS['audio']} positions for recordings of "
-                                       f"{valid.sum(1).tolist()} frames")
-        return None, states[valid]
+                                       f"{per_recording.tolist()} positions")
+        if head is None:
+            return None, states[valid], ids, attention_mask, labels
+        table = self.decoder.get_input_embeddings().weight
+        runs, counts = token_runs(head(states, valid, table), valid, table)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids, attention_mask, labels = expand_positions(ids, attention_mask, labels, at, counts, pad)
+        return None, runs, ids, attention_mask, labels
 
     def _context(self, kind: str, ids: Tensor, states: Tensor, valid: Tensor, rows_of: Tensor) -> MediaContext:
         """Media states [n, m, d] -> a MediaContext packed per row, each visible from its token on."""
@@ -257,25 +307,30 @@ class MultimodalModel(nn.Module):
                 video_rows: Tensor | None = None, audio: AudioFeatures | None = None,
                 audio_rows: Tensor | None = None, **decoder_kwargs):
         """Teacher-forced pass. ids [b, L] -> CausalLMOutputWithPast (loss when labels are given)."""
-        media, spliced = self.media_inputs(ids, images, image_rows, videos, video_rows, audio, audio_rows)
-        return self._run(self.decoder, ids, attention_mask, media, spliced=spliced, labels=labels, **decoder_kwargs)
+        x = self.media_inputs(ids, attention_mask, images, image_rows, videos, video_rows, audio, audio_rows, labels)
+        return self._run(self.decoder, x.ids, x.attention_mask, x.media, spliced=x.spliced, labels=x.labels,
+                         **decoder_kwargs)
 
-    def hidden_states(self, ids: Tensor, attention_mask: Tensor | None = None, images: TiledImages | None = None,
-                      image_rows: Tensor | None = None, prefix: list[tuple[Tensor, Tensor]] | None = None,
-                      videos: Tensor | None = None, video_rows: Tensor | None = None,
-                      audio: AudioFeatures | None = None, audio_rows: Tensor | None = None) -> Tensor:
+    def hidden_states(self, inputs: DecoderInputs, prefix: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
         """The decoder's final hidden states [b, L - P, d] (before the LM head; training takes the
         logits of the labelled positions only). `prefix`: per-layer keys/values [1, kv, P, hd]
         of the first P tokens, shared by every row (see `prefix_cache`); only the rest is run."""
-        media, spliced = self.media_inputs(ids, images, image_rows, videos, video_rows, audio, audio_rows)
-        return self._run(self.decoder.model, ids, attention_mask, media, prefix, spliced).last_hidden_state
+        return self._run(self.decoder.model, inputs.ids, inputs.attention_mask, inputs.media, prefix,
+                         inputs.spliced).last_hidden_state
 
-    def media_inputs(self, ids, images=None, image_rows=None, videos=None, video_rows=None, audio=None,
-                     audio_rows=None) -> tuple[dict, Tensor | None]:
-        """-> (cross-attention contexts by kind, speech embeddings spliced into the input or None)."""
-        audio_context, spliced = self.audio_inputs(ids, audio, audio_rows)
-        return {"image": self.image_context(ids, images, image_rows),
-                "video": self.video_context(ids, videos, video_rows), "audio": audio_context}, spliced
+    def media_inputs(self, ids, attention_mask=None, images=None, image_rows=None, videos=None, video_rows=None,
+                     audio=None, audio_rows=None, labels=None) -> DecoderInputs:
+        """Encode a batch's media -> what the decoder reads (DecoderInputs). Speech goes first:
+        spliced into the input it may change the positions the other media's tokens sit at."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(ids)
+        audio_context, spliced = None, None
+        if audio is not None and len(audio):
+            audio_context, spliced, ids, attention_mask, labels = self.audio_inputs(ids, attention_mask, labels,
+                                                                                    audio, audio_rows)
+        media = {"image": self.image_context(ids, images, image_rows),
+                 "video": self.video_context(ids, videos, video_rows), "audio": audio_context}
+        return DecoderInputs(ids, attention_mask, labels, media, spliced)
 
     @torch.no_grad()
     def prefix_cache(self, ids: Tensor) -> list[tuple[Tensor, Tensor]]:
@@ -351,8 +406,9 @@ class MultimodalModel(nn.Module):
 
     def audio_token_runs(self, tokens: list[int], frames: list[int]) -> list[int]:
         """With speech spliced into the input, each audio token becomes a run of as many audio
-        tokens as its recording has adapter outputs (`frames`, in order)."""
-        if self.config.speech.attach != "input" or not frames:
+        tokens as its recording has adapter outputs (`frames`, in order). With adapter.tokens the
+        count is known only once the recording is encoded: the token stays one (audio_inputs)."""
+        if self.config.speech.attach != "input" or self.config.speech.adapter.tokens or not frames:
             return tokens
         audio_id, runs, out = self.media_token_ids["audio"], iter(frames), []
         for t in tokens:
@@ -369,8 +425,11 @@ class MultimodalModel(nn.Module):
             row_audio = [self.audio_processor.features(a) for a in row_media["audio"]]
             frames = [int(self.config.speech.adapter_frames(f.shape[0])) for f in row_audio]
             tokens = self.audio_token_runs(self.tokenizer(text, add_special_tokens=False).input_ids, frames)
-            if len(tokens) + max_new_tokens > limit:
-                raise InputError("prompt", f"{len(tokens)} tokens + {max_new_tokens} new exceed the context of {limit}")
+            size = len(tokens)
+            if self.config.speech.adapter.tokens:  # each recording takes at most one position per adapter output
+                size += sum(frames) - len(frames)
+            if size + max_new_tokens > limit:
+                raise InputError("prompt", f"{size} tokens + {max_new_tokens} new exceed the context of {limit}")
             ids.append(tokens)
             audio += row_audio
             for kind, items in row_media.items():
@@ -401,8 +460,8 @@ class MultimodalModel(nn.Module):
         """Yield the next token of every row [b] per step. Media keys/values are computed at the
         first step and reused from the MediaContext for every later one; rows that finished
         get the pad token. End-of-turn tokens cannot be chosen before `min_new_tokens`."""
-        ids, mask = batch.ids, batch.attention_mask
-        media, spliced = self.media_inputs(ids, **batch.media())
+        inputs = self.media_inputs(batch.ids, batch.attention_mask, **batch.media())
+        ids, mask, media, spliced = inputs.ids, inputs.attention_mask, inputs.media, inputs.spliced
         self.last_context = media["image"]  # kept for inspection (tests count key/value computations)
         self.last_contexts = media
         stop = torch.tensor(sorted(self.eos_token_ids()), device=ids.device)
@@ -490,16 +549,37 @@ class MultimodalModel(nn.Module):
         conversations = [self.user_messages(p, list(i or []), system, [v] if v is not None else [],
                                             [a] if a is not None else [])
                          for p, i, v, a in zip(prompt, per_row, videos, audios)]
-        return self._complete(conversations, max_new_tokens, Sampler(temperature, top_k, top_p, seed))
+        return self._complete(self.prepare(conversations, max_new_tokens), max_new_tokens,
+                              Sampler(temperature, top_k, top_p, seed))
 
-    def transcribe(self, audio, language: str = "English", *, max_new_tokens: int = 128) -> str:
-        """What was said in the recording (the ASR prompt of speech_sft)."""
-        return self.generate(ASR_PROMPT.format(language=language), audio=audio, max_new_tokens=max_new_tokens)
+    def transcribe(self, audio, language: str = "English", *, max_new_tokens: int | None = None) -> str | list[str]:
+        """What was said (the ASR prompt of speech_sft): one recording -> str, a list -> a list.
+
+        A transcript is cut at max_new_tokens, by default at `transcript_budget` of the
+        recording's length: a decoder caught repeating itself stops about where the speech
+        ended instead of running on."""
+        recordings = audio if isinstance(audio, list) else [audio]
+        prompt = ASR_PROMPT.format(language=language)
+        conversations = [self.user_messages(prompt, [], audios=[a]) for a in recordings]
+        cap = max_new_tokens or self.transcript_budget(self.config.speech.max_seconds)
+        batch = self.prepare(conversations, cap)
+        frames = batch.audio.lengths.tolist() if batch.audio is not None else [0] * len(recordings)
+        limits = [min(cap, self.transcript_budget(n * FEATURE_SECONDS)) if max_new_tokens is None else cap
+                  for n in frames]
+        out = self._complete(batch, max(limits), Sampler(), limits)
+        return out if isinstance(audio, list) else out[0]
+
+    @staticmethod
+    def transcript_budget(seconds: float) -> int:
+        """Most tokens a transcript of so many seconds of speech needs: 8 + 6 a second (fast
+        English speech is under 4 words, about 5 of the decoder's tokens, a second)."""
+        return 8 + math.ceil(6 * seconds)
 
     def chat(self, messages: list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> str:
         """The assistant's next reply to a transformers-style conversation."""
-        return self._complete([messages], max_new_tokens, Sampler(temperature, top_k, top_p, seed))[0]
+        return self._complete(self.prepare([messages], max_new_tokens), max_new_tokens,
+                              Sampler(temperature, top_k, top_p, seed))[0]
 
     def stream(self, prompt: str, images: list | None = None, *, video=None, audio=None, max_new_tokens: int = 64,
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
@@ -512,13 +592,16 @@ class MultimodalModel(nn.Module):
         tokens = (int(t[0]) for t in self.decode(batch, max_new_tokens, Sampler(temperature, top_k, top_p, seed)))
         yield from incremental_text(self.tokenizer, _until(tokens, stop))
 
-    def _complete(self, conversations: list[list[dict]], max_new_tokens: int, sampler: Sampler) -> list[str]:
-        batch = self.prepare(conversations, max_new_tokens)
+    def _complete(self, batch: Batch, max_new_tokens: int, sampler: Sampler,
+                  limits: list[int] | None = None) -> list[str]:
+        """Decode a prepared batch -> the text of every row, row r cut at limits[r] tokens."""
         steps = list(self.decode(batch, max_new_tokens, sampler))
         if not steps:
-            return ["" for _ in conversations]
+            return ["" for _ in range(batch.ids.shape[0])]
         stop = self.eos_token_ids()
         out = torch.stack(steps, dim=1).tolist()
+        if limits is not None:
+            out = [row[:limit] for row, limit in zip(out, limits)]
         return [self.tokenizer.decode(list(_until(row, stop)), skip_special_tokens=True) for row in out]
 
     def save(self, path) -> None:

@@ -120,6 +120,9 @@ class StageConfig:
     ctc_weight: float = 0.0  # speech_sft: add this times a character CTC loss on the Conformer's
     # output (transcripts of ASR samples, typed questions of dialogue samples); a linear head
     # trained beside the model and dropped afterwards. 0: off
+    token_ctc_weight: float = 0.0  # speech_sft with speech.adapter.tokens: add this times a CTC loss
+    # of the adapter's TokenHead on the decoder's tokens of what was said (the classes are the
+    # frozen decoder's input embeddings). 0: off
     init_video_from_image: bool = False  # video_pretrain: video blocks/projector start as copies of
     # the trained image blocks of their layers and the image projector (gates still closed)
 
@@ -143,6 +146,10 @@ class StageConfig:
         problems += self.bestrq.validate()
         if self.ctc_weight < 0 or (self.ctc_weight and self.stage != "speech_sft"):
             problems.append("ctc_weight must be >= 0 and is for speech_sft only")
+        if self.token_ctc_weight < 0 or (self.token_ctc_weight and self.stage != "speech_sft"):
+            problems.append("token_ctc_weight must be >= 0 and is for speech_sft only")
+        if self.token_ctc_weight and not self.model.speech.adapter.tokens:
+            problems.append("token_ctc_weight trains the adapter's token head: it needs speech.adapter.tokens")
         if self.init_video_from_image and self.stage != "video_pretrain":
             problems.append("init_video_from_image is for video_pretrain (it replaces the video path)")
         if self.data.media != "image" and self.data.augment.transform() is not None:
@@ -210,21 +217,31 @@ class LMObjective(nn.Module):
 
     min_shared_prefix = 8
 
-    def __init__(self, model, ctc_weight: float = 0.0) -> None:
+    def __init__(self, model, ctc_weight: float = 0.0, token_ctc_weight: float = 0.0) -> None:
         super().__init__()
         self.model = model
         self._prefixes: dict[tuple[int, ...], list] = {}
-        self.ctc_weight = ctc_weight
+        self.ctc_weight, self.token_ctc_weight = ctc_weight, token_ctc_weight
         self.ctc = SpeechCTC(model.config.speech.width) if ctc_weight else None
         if self.ctc is not None:  # reads the Conformer's output of the same forward pass
             model.encoders["audio"].register_forward_hook(self.ctc.keep)
+        self._token_logits: tuple[Tensor, Tensor] | None = None
+        self.terms: dict[str, float] = {}
+        if token_ctc_weight:  # reads the token head's logits of the same forward pass
+            model.speech_adapter.tokens.register_forward_hook(self._keep_token_logits)
+
+    def _keep_token_logits(self, module, args, output) -> None:
+        self._token_logits = (output, args[1])
 
     def forward(self, ids, attention_mask, labels, tiles=None, aspect_ratio_ids=None, n_tiles=None, image_rows=None,
                 videos=None, video_rows=None, audio_features=None, audio_lengths=None, audio_rows=None,
-                ctc_targets=None, ctc_lengths=None, **_) -> tuple:
+                ctc_targets=None, ctc_lengths=None, token_targets=None, token_lengths=None, **_) -> tuple:
         images = TiledImages(tiles, aspect_ratio_ids, n_tiles) if tiles is not None else None
         audio = AudioFeatures(audio_features, audio_lengths) if audio_features is not None else None
-        start = self.shared_prefix(ids, attention_mask)
+        inputs = self.model.media_inputs(ids, attention_mask, images, image_rows, videos, video_rows, audio,
+                                         audio_rows, labels)
+        ids = inputs.ids
+        start = self.shared_prefix(ids, inputs.attention_mask)
         prefix = None
         if start >= self.min_shared_prefix:
             key = tuple(ids[0, :start].tolist())
@@ -233,17 +250,22 @@ class LMObjective(nn.Module):
             prefix = self._prefixes[key]
         else:
             start = 0
-        hidden = self.model.hidden_states(ids, attention_mask, images, image_rows, prefix, videos, video_rows, audio,
-                                          audio_rows)
-        target = labels[:, start + 1:]
+        hidden = self.model.hidden_states(inputs, prefix)
+        target = inputs.labels[:, start + 1:]
         keep = target != IGNORE
         logits = self.model.decoder.lm_head(hidden[:, :-1][keep])
         loss_sum = F.cross_entropy(logits.float(), target[keep], reduction="sum")
         count = all_reduce_sum(keep.sum().to(loss_sum))
         logged = all_reduce_sum(loss_sum.detach()) / count
         loss = loss_sum * world()[1] / count
+        self.terms = {}  # the auxiliary losses of this step, for the log (this process's batch)
         if self.ctc is not None and ctc_targets is not None:
-            loss = loss + self.ctc_weight * self.ctc.loss(ctc_targets, ctc_lengths)
+            term = self.ctc.loss(ctc_targets, ctc_lengths)
+            loss, self.terms["ctc"] = loss + self.ctc_weight * term, float(term.detach())
+        if self.token_ctc_weight and token_targets is not None:
+            (logits, mask), self._token_logits = self._token_logits, None
+            term = ctc_loss(logits, mask, token_targets + 1, token_lengths)
+            loss, self.terms["token_ctc"] = loss + self.token_ctc_weight * term, float(term.detach())
         return loss, logged
 
     def shared_prefix(self, ids: Tensor, attention_mask: Tensor) -> int:
@@ -315,8 +337,9 @@ class LMExamples:
                                                               f"included) is not shorter than max_text_tokens")
         ids = (prompt_ids + answer)[: self.max_tokens]
         labels = ([IGNORE] * len(prompt_ids) + answer)[: self.max_tokens]
-        spoken = fields.get("caption", fields.get("question", ""))
-        return {"ids": ids, "labels": labels, "audio": features, "ctc": ctc_labels(str(spoken))}
+        spoken = str(fields.get("caption", fields.get("question", "")))
+        return {"ids": ids, "labels": labels, "audio": features, "ctc": ctc_labels(spoken),
+                "tokens": self.tokenizer(spoken, add_special_tokens=False).input_ids}
 
     def _image(self, image):
         tiles, grid = self.processor.tile(image)
@@ -421,9 +444,15 @@ def collate_speech(examples: list[dict]) -> dict:
 
 
 def ctc_batch(examples: list[dict]) -> dict:
-    ctc = [torch.tensor(e["ctc"], dtype=torch.long) for e in examples]
-    return {"ctc_targets": nn.utils.rnn.pad_sequence(ctc, batch_first=True),
-            "ctc_lengths": torch.tensor([len(c) for c in ctc])}
+    """CTC targets, padded: characters (ctc_*) and, where the examples have them, the decoder's
+    tokens (token_*) of what was said."""
+    batch = {}
+    for key, name in (("ctc", "ctc"), ("tokens", "token")):
+        if key in examples[0]:
+            seqs = [torch.tensor(e[key], dtype=torch.long) for e in examples]
+            batch[f"{name}_targets"] = nn.utils.rnn.pad_sequence(seqs, batch_first=True)
+            batch[f"{name}_lengths"] = torch.tensor([len(c) for c in seqs])
+    return batch
 
 
 # ---- auxiliary CTC on the speech encoder ----------------------------------------------------------
@@ -449,12 +478,17 @@ class SpeechCTC(nn.Module):
         self._encoded = output
 
     def loss(self, targets: Tensor, target_lengths: Tensor) -> Tensor:
-        states, mask = self._encoded
-        self._encoded = None
-        log_probs = self.head(states).float().log_softmax(-1).transpose(0, 1)  # [T, b, C]
-        per_row = F.ctc_loss(log_probs, targets, mask.sum(1), target_lengths, blank=0, reduction="none",
-                             zero_infinity=True)
-        return (per_row / target_lengths.clamp(min=1)).mean()
+        (states, mask), self._encoded = self._encoded, None
+        return ctc_loss(self.head(states), mask, targets, target_lengths)
+
+
+def ctc_loss(logits: Tensor, mask: Tensor, targets: Tensor, target_lengths: Tensor) -> Tensor:
+    """CTC (blank = class 0) of frame logits [b, T, C] with a frame mask [b, T], per target
+    unit, averaged over rows."""
+    log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # [T, b, C]
+    per_row = F.ctc_loss(log_probs, targets, mask.sum(1), target_lengths, blank=0, reduction="none",
+                         zero_infinity=True)
+    return (per_row / target_lengths.clamp(min=1)).mean()
 
 
 class CTCObjective(nn.Module):

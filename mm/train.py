@@ -82,7 +82,7 @@ class Task:
             self.trainable.update({f"{prefix}.{k}": v for k, v in self.aux.named_parameters()})
             self.decode, self.collate = SpeechExamples(self.model, transcripts=cfg.loss == "ctc"), collate_speech
             return
-        self.objective = LMObjective(self.model, cfg.ctc_weight)
+        self.objective = LMObjective(self.model, cfg.ctc_weight, cfg.token_ctc_weight)
         if self.objective.ctc is not None:
             self.aux = self.objective.ctc
             if cfg.init:
@@ -370,7 +370,7 @@ def train(cfg: StageConfig) -> Path:
         log.step({"step": progress.step, "loss": float(logged), "lr": lr, "grad_norm": float(grad_norm),
                   "samples": n, "skipped": progress.skipped, "step_time": time.time() - t0,
                   "samples_per_s": samples / (time.time() - started), "elapsed": time.time() - started,
-                  "peak_memory_mb": peak_memory_mb()})
+                  "peak_memory_mb": peak_memory_mb(), **getattr(objective, "terms", {})})
         if progress.step % cfg.save_every == 0 or progress.step == cfg.optim.steps:
             if rank == 0:
                 save_run_checkpoint(task, optimizer, progress, out)

@@ -12,6 +12,8 @@ Held-out figures:
   wer_heldout_voices   the same sentences, spoken by voices never used in training
   *_ctc_head           the same, read by the Conformer's character CTC head alone (greedy, no
                        decoder): what the encoder hears
+  *_token_head         the same, read by the speech adapter's token head alone (greedy, no
+                       decoder): the token runs the decoder is given, each as its likeliest token
   dialogue_agreement   held-out spoken questions whose reply equals, token for token, the bare
                        decoder's greedy reply to the typed question (the training target of
                        spoken dialogue is that reply)
@@ -46,13 +48,11 @@ def audio_path(row: dict) -> str:
 
 def transcripts(model, items: list[dict], batch_size: int = 16) -> list[dict]:
     from mm.evaluate import word_errors
-    from mm.model import ASR_PROMPT
 
     out = []
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
-        said = model.generate([ASR_PROMPT.format(language="English")] * len(chunk),
-                              audio=[audio_path(r) for r in chunk], max_new_tokens=64)
+        said = model.transcribe([audio_path(r) for r in chunk], language="English")
         for r, hyp in zip(chunk, said):
             errors, words = word_errors(r["caption"], hyp)
             out.append({"audio": r["audio"], "voice": r.get("voice"), "reference": r["caption"], "hypothesis": hyp,
@@ -71,22 +71,50 @@ def replies(model, items: list[dict], max_new_tokens: int, batch_size: int = 16)
     return out
 
 
-def ctc_transcripts(model, model_dir: Path, items: list[dict], batch_size: int = 16) -> list[dict] | None:
+def ctc_transcripts(model, model_dirs: list[Path], items: list[dict], batch_size: int = 16) -> list[dict] | None:
     """Best-path transcripts of the Conformer's character CTC head alone (no decoder): what the
-    encoder hears. None when the run trained no CTC head."""
+    encoder hears. The head is the first that one of `model_dirs` trained; None when none did."""
     from mm.evaluate import word_errors
     from mm.stages import CTCObjective
     from mm.train import carry_ctc_head
     from speech import AudioFeatures
 
     objective = CTCObjective(model.encoders["audio"]).eval()
-    if not carry_ctc_head(model_dir, objective.ctc):
+    if not any(carry_ctc_head(d, objective.ctc) for d in model_dirs):
         return None
     out = []
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
         batch = AudioFeatures.pad([model.audio_processor.features(audio_path(r)) for r in chunk])
         for r, hyp in zip(chunk, objective.greedy(batch.features, batch.lengths)):
+            errors, words = word_errors(r["caption"], hyp)
+            out.append({"reference": r["caption"], "hypothesis": hyp, "errors": errors, "words": words})
+    return out
+
+
+def token_transcripts(model, items: list[dict], batch_size: int = 16) -> list[dict] | None:
+    """Best-path transcripts of the adapter's token head alone (the runs the decoder is given,
+    each read as its likeliest token): what the adapter hears. None without a token head."""
+    import torch
+
+    from mm.evaluate import word_errors
+    from speech import AudioFeatures
+    from speech.adapter import BLANK
+
+    head = model.speech_adapter.tokens
+    if head is None:
+        return None
+    table = model.decoder.get_input_embeddings().weight
+    out = []
+    for i in range(0, len(items), batch_size):
+        chunk = items[i:i + batch_size]
+        batch = AudioFeatures.pad([model.audio_processor.features(audio_path(r)) for r in chunk])
+        with torch.no_grad():
+            states, mask = model.encode_audio(batch)
+            best = head(states, mask, table).argmax(-1)
+        for r, row, n in zip(chunk, best, mask.sum(1).tolist()):
+            ids = [int(c) - 1 for j, c in enumerate(row[:n]) if c != BLANK and (j == 0 or c != row[j - 1])]
+            hyp = model.tokenizer.decode(ids, skip_special_tokens=True)
             errors, words = word_errors(r["caption"], hyp)
             out.append({"reference": r["caption"], "hypothesis": hyp, "errors": errors, "words": words})
     return out
@@ -107,9 +135,12 @@ def evaluate(model_dir: Path) -> dict:
         (RUN / f"{name}_transcripts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
         figures[key] = wer(results)
         figures[f"{key}_utterances"] = len(results)
-        heard = ctc_transcripts(model, model_dir, rows(name))
+        heard = ctc_transcripts(model, [model_dir, RUN / "speech_ctc" / "final"], rows(name))
         if heard is not None:
             figures[f"{key}_ctc_head"] = wer(heard)
+        heard = token_transcripts(model, rows(name))
+        if heard is not None:
+            figures[f"{key}_token_head"] = wer(heard)
         for voice in sorted({r["voice"] for r in results if r["voice"]}):
             figures[f"{key}[{voice}]"] = wer([r for r in results if r["voice"] == voice])
     results = replies(model, rows("dialogue_heldout"), corpus.get("max_new_tokens", 24))

@@ -29,6 +29,8 @@ class SpeechAdapterConfig:
     heads: int = 4
     kernel: int = 3
     stride: int = 2
+    tokens: bool = False  # read each output as one of the decoder's tokens or blank, and splice one
+    # embedding per run of the same token (blank outputs dropped): speech/adapter.py, TokenHead
 
 
 @dataclass
@@ -54,6 +56,8 @@ class SpeechConfig:
                 problems.append(f"{name}width {width} must split into {heads} heads of even size")
         if self.attach not in ("input", "cross_attention"):
             problems.append(f"attach '{self.attach}' is not input or cross_attention")
+        if self.adapter.tokens and self.attach != "input":
+            problems.append("adapter.tokens shapes the decoder's input: it needs attach: input")
         if self.conv_kernel % 2 == 0 or self.adapter.kernel % 2 == 0:
             problems.append("conv_kernel and adapter.kernel must be odd")
         if min(self.stack, self.adapter.stride, self.layers, self.n_mels) < 1 or self.max_seconds <= 0:

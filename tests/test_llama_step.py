@@ -30,7 +30,7 @@ def test_step_logits_equal_decoder_forward(tiny):
     """Token by token, the step's logits are the decoder forward's (same cache, same blocks)."""
     open_gates(tiny)
     batch = _batch(tiny)
-    media, _ = tiny.media_inputs(batch.ids, **batch.media())
+    media = tiny.media_inputs(batch.ids, batch.attention_mask, **batch.media()).media
     ids, mask = batch.ids, batch.attention_mask
     positions, query = _positions(mask), torch.arange(ids.shape[1])
     cache = DynamicCache(config=tiny.decoder.config)

@@ -134,6 +134,68 @@ def test_audio_token_count_must_match_the_recordings(tiny):
         tiny(cut, torch.ones_like(cut), **batch.media())
 
 
+def test_token_runs_merge_repeats_and_drop_blanks():
+    from speech.adapter import token_runs
+
+    table = torch.randn(4, 3)
+    best = torch.tensor([[0, 2, 2, 0, 2, 3, 1], [4, 4, 0, 1, 0, 0, 0]])  # class c > 0 is token c - 1
+    mask = torch.tensor([[True] * 6 + [False], [True] * 4 + [False] * 3])  # row 0's last output is padding
+    logits = torch.nn.functional.one_hot(best, 5).float().mul(50).requires_grad_()
+    runs, counts = token_runs(logits, mask, table)
+    assert counts.tolist() == [3, 2]  # (1) (1) (2) | (3) (0): a blank splits a run, padding is not read
+    assert torch.allclose(runs, table[[1, 1, 2, 3, 0]], atol=1e-5)  # a sure run is its token's embedding
+    unsure = logits.detach().clone()
+    unsure[0, 5, 4] = 50  # output 5 torn between tokens 2 and 3: its run is their blend
+    runs, _ = token_runs(unsure, mask, table)
+    assert torch.allclose(runs[2], table[[2, 3]].mean(0), atol=1e-5)
+    token_runs(logits, mask, table)[0].sum().backward()
+    assert logits.grad.abs().sum() > 0  # the embeddings the decoder reads train the head
+
+
+def test_expand_positions_keeps_each_rows_padding_side():
+    from mm.model import expand_positions
+
+    ids = torch.tensor([[0, 5, 9, 6], [7, 9, 9, 8]])
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])  # left-padded
+    at = ids == 9
+    new, new_mask, _ = expand_positions(ids, mask, None, at, torch.tensor([3, 0, 2]), pad_id=0)
+    assert new.tolist() == [[5, 9, 9, 9, 6], [0, 7, 9, 9, 8]]  # padding re-made: as wide as the longest row
+    assert new_mask.tolist() == [[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]]
+    labels = torch.tensor([[-100, -100, 4, 0], [-100, -100, 3, 3]])
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    ids[0] = torch.tensor([5, 9, 6, 0])
+    new, new_mask, new_labels = expand_positions(ids, right, labels, ids == 9, torch.tensor([2, 2, 1]), pad_id=0)
+    assert new.tolist() == [[5, 9, 9, 6, 0], [7, 9, 9, 9, 8]]  # right-padded rows stay right-padded
+    assert new_labels.tolist() == [[-100, -100, -100, 4, -100], [-100, -100, -100, 3, 3]]
+
+
+def test_token_adapter_gives_the_decoder_the_tokens_it_hears(monkeypatch):
+    """adapter.tokens: the decoder reads one embedding per token run; when the head is sure,
+    the logits are exactly those of the typed tokens in the recording's place."""
+    torch.manual_seed(0)
+    model = mm.load("tiny", overrides=["speech.adapter.tokens=true"]).eval()
+    wave = (torch.from_numpy(tone(1.0, 440)), 16000)
+    batch = model.prepare([model.user_messages("what was said?", [], audios=[wave])])
+    audio_id = model.media_token_ids["audio"]
+    assert int((batch.ids == audio_id).sum()) == 1  # the count is known once the recording is heard
+    heard = [17, 17, 0, 42, 0, 99]  # blank-separated runs: tokens 16, 41, 98
+    vocab = model.decoder.get_input_embeddings().weight.shape[0]
+
+    def sure(h, mask, table):
+        best = torch.tensor(heard + [0] * (h.shape[1] - len(heard)))
+        return torch.nn.functional.one_hot(best, vocab + 1).float()[None].mul(100)
+
+    monkeypatch.setattr(model.speech_adapter.tokens, "forward", sure)
+    with torch.no_grad():
+        out = model(batch.ids, batch.attention_mask, **batch.media()).logits
+        at = int((batch.ids[0] == audio_id).nonzero()[0])
+        typed = torch.cat([batch.ids[0, :at], torch.tensor([16, 41, 98]), batch.ids[0, at + 1:]])[None]
+        bare = model.decoder(input_ids=typed).logits
+    assert out.shape == bare.shape and torch.allclose(out, bare, atol=1e-4)
+    first = model.generate("what was said?", audio=wave, max_new_tokens=1)  # the same through generation
+    assert first == model.tokenizer.decode([int(bare[0, -1].argmax())], skip_special_tokens=True)
+
+
 def test_speech_through_cross_attention_starts_as_the_bare_decoder_and_then_listens():
     torch.manual_seed(0)
     model = mm.load("tiny", overrides=["speech.attach=cross_attention"]).eval()
@@ -159,6 +221,14 @@ def test_generate_transcribe_and_batches_of_audio(tiny, tmp_path):
     one = tiny.generate("", audio=str(path), max_new_tokens=4)
     assert tiny.generate(["", "hello"], audio=[str(path), None], max_new_tokens=4)[0] == one  # batched = alone
     assert isinstance(tiny.transcribe(str(path), max_new_tokens=4), str)
+    # by default a transcript stops at the budget of the recording's length (0.8 s: 8 + 5 tokens)
+    from mm.model import ASR_PROMPT
+
+    budget = tiny.transcript_budget(0.8)
+    assert budget == 13
+    said = tiny.generate(ASR_PROMPT.format(language="English"), audio=str(path), max_new_tokens=budget)
+    assert tiny.transcribe(str(path)) == said
+    assert tiny.transcribe([str(path), str(path)]) == [said, said]
     reply = tiny.chat([{"role": "user", "content": [{"type": "audio", "audio": str(path)}]}], max_new_tokens=4)
     assert reply == one
     assert "".join(tiny.stream("", audio=str(path), max_new_tokens=4)) == one
@@ -226,6 +296,25 @@ def test_speech_ssl_then_sft_train_only_the_speech_path(speech_shards, tmp_path)
         if name in frozen:
             assert torch.equal(value, frozen[name]), name  # decoder, image and video paths untouched
     assert isinstance(model.transcribe(str(speech_shards.parent / "0.flac"), max_new_tokens=4), str)
+
+
+def test_speech_sft_with_the_token_adapter_learns_the_spoken_tokens(speech_shards, tmp_path):
+    before = mm.load("tiny")
+    sft = stage_config(tmp_path, "speech_sft", [speech_shards / "asr", speech_shards / "dialogue"], [
+        "init=null", "model.speech.adapter.tokens=true", "token_ctc_weight=1.0", "optim.steps=40",
+        "optim.warmup_steps=3", "optim.lr=3e-3"])
+    final = train(sft)
+    log = metrics(tmp_path / "speech_sft")
+    token_ctc = [m["token_ctc"] for m in log]
+    assert np.mean(token_ctc[-5:]) < np.mean(token_ctc[:5]) - 1.0, token_ctc  # it learns which tokens were said
+    from safetensors.torch import load_file
+
+    assert "speech_adapter.tokens.blank" in load_file(final / "adapters.safetensors")
+    model = mm.load(final)
+    assert model.config.speech.adapter.tokens and model.decoder_sha256() == before.decoder_sha256()
+    assert isinstance(model.transcribe(str(speech_shards.parent / "0.flac"), max_new_tokens=4), str)
+    with pytest.raises(mm.ConfigError, match="token_ctc_weight"):
+        stage_config(tmp_path, "speech_sft", [speech_shards / "asr"], ["token_ctc_weight=1.0"])
 
 
 # ---- mm talk ---------------------------------------------------------------------------------------
