@@ -30,6 +30,8 @@ class TokenHead(nn.Module):
     logit(v) = (2 h.e_v - |e_v|^2) / temperature = (|h|^2 - |h - e_v|^2) / temperature: the
     nearer h is to a token's embedding e_v, the likelier that token (|h|^2 is the same for every
     class). Blank is a learned vector of the same space. The table is the decoder's, never a copy.
+    `mask` [b, m] (the valid outputs) is not needed for the logits; it is an argument so that a
+    forward hook (speech_sft's token CTC) sees which outputs count.
     """
 
     temperature = 1.0
