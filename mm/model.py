@@ -564,8 +564,7 @@ class MultimodalModel(nn.Module):
         cap = max_new_tokens or self.transcript_budget(self.config.speech.max_seconds)
         batch = self.prepare(conversations, cap)
         frames = batch.audio.lengths.tolist() if batch.audio is not None else [0] * len(recordings)
-        limits = [min(cap, self.transcript_budget(n * FEATURE_SECONDS)) if max_new_tokens is None else cap
-                  for n in frames]
+        limits = [self.transcript_budget(n * FEATURE_SECONDS) if max_new_tokens is None else cap for n in frames]
         out = self._complete(batch, max(limits), Sampler(), limits)
         return out if isinstance(audio, list) else out[0]
 

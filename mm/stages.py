@@ -28,6 +28,7 @@ from mm.data import decode_audio, decode_image, decode_video, sample_json
 from mm.errors import ConfigError, InputError
 from speech import AudioFeatures, BestRQConfig
 from speech.audio import SAMPLE_RATE
+from speech.adapter import best_path
 from vision import ImageProcessor, VisionConfig
 from vision.tiling import aspect_ratio_id
 from vision.transforms import TiledImages
@@ -507,9 +508,4 @@ class CTCObjective(nn.Module):
     def greedy(self, features: Tensor, lengths: Tensor) -> list[str]:
         """Best-path decoding of the character head (for a quick look at what the encoder hears)."""
         states, mask = self.encoder(features, lengths)
-        best = self.ctc.head(states).argmax(-1)
-        out = []
-        for row, n in zip(best, mask.sum(1).tolist()):
-            ids = [int(i) for j, i in enumerate(row[:n]) if i and (j == 0 or i != row[j - 1])]
-            out.append("".join(CTC_ALPHABET[i - 1] for i in ids))
-        return out
+        return ["".join(CTC_ALPHABET[i - 1] for i in ids) for ids in best_path(self.ctc.head(states), mask)]

@@ -99,7 +99,7 @@ def token_transcripts(model, items: list[dict], batch_size: int = 16) -> list[di
 
     from mm.evaluate import word_errors
     from speech import AudioFeatures
-    from speech.adapter import BLANK
+    from speech.adapter import best_path
 
     head = model.speech_adapter.tokens
     if head is None:
@@ -111,10 +111,9 @@ def token_transcripts(model, items: list[dict], batch_size: int = 16) -> list[di
         batch = AudioFeatures.pad([model.audio_processor.features(audio_path(r)) for r in chunk])
         with torch.no_grad():
             states, mask = model.encode_audio(batch)
-            best = head(states, mask, table).argmax(-1)
-        for r, row, n in zip(chunk, best, mask.sum(1).tolist()):
-            ids = [int(c) - 1 for j, c in enumerate(row[:n]) if c != BLANK and (j == 0 or c != row[j - 1])]
-            hyp = model.tokenizer.decode(ids, skip_special_tokens=True)
+            heard = best_path(head(states, mask, table), mask)
+        for r, classes in zip(chunk, heard):
+            hyp = model.tokenizer.decode([c - 1 for c in classes], skip_special_tokens=True)
             errors, words = word_errors(r["caption"], hyp)
             out.append({"reference": r["caption"], "hypothesis": hyp, "errors": errors, "words": words})
     return out

@@ -47,6 +47,16 @@ class TokenHead(nn.Module):
         return logits / self.temperature
 
 
+def best_path(logits: Tensor, mask: Tensor) -> list[list[int]]:
+    """Greedy CTC decoding of frame logits [b, T, C] (blank = class 0) with a frame mask [b, T]:
+    per row, the best class of each frame, repeats merged and blanks dropped (classes >= 1)."""
+    best = logits.argmax(-1)
+    out = []
+    for row, n in zip(best.tolist(), mask.sum(1).tolist()):
+        out.append([c for j, c in enumerate(row[:n]) if c != BLANK and (j == 0 or c != row[j - 1])])
+    return out
+
+
 def token_runs(logits: Tensor, mask: Tensor, table: Tensor) -> tuple[Tensor, Tensor]:
     """Best-path runs of TokenHead logits [b, m, 1 + V] -> (embeddings [K, d] of all runs, in
     row-major order; runs per row [b]).
