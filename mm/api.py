@@ -32,7 +32,7 @@ def load(source: str | Path = "smollm2", *, overrides: list[str] = (), force: bo
     """A model by name (tiny, smollm2, ... from configs/models/), a checkpoint directory written by
     `save` or a training stage, a model config YAML, or a Llama checkpoint directory (which gets the
     default, untrained adapters). `force` loads a checkpoint onto a decoder whose weights differ
-    from the one it was trained with."""
+    from the one it was trained with. The model is in eval mode."""
     name = str(source)
     path = Path(name)
     if name in list_configs("models"):
@@ -49,6 +49,7 @@ def load(source: str | Path = "smollm2", *, overrides: list[str] = (), force: bo
                                "a model config (.yaml) or a Llama checkpoint directory (config.json)")
     else:
         raise InputError(name, f"unknown model (not a file or directory; names: {', '.join(list_configs('models'))})")
+    model.eval()  # for inference: no dropout (training stages call train() on what they train)
     return model.to(device) if device is not None else model
 
 

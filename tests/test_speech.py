@@ -311,6 +311,7 @@ def test_speech_sft_with_the_token_adapter_learns_the_spoken_tokens(speech_shard
 
     assert "speech_adapter.tokens.blank" in load_file(final / "adapters.safetensors")
     model = mm.load(final)
+    assert not model.training  # inference without dropout: the same recording, the same transcript
     assert model.config.speech.adapter.tokens and model.decoder_sha256() == before.decoder_sha256()
     assert isinstance(model.transcribe(str(speech_shards.parent / "0.flac"), max_new_tokens=4), str)
     with pytest.raises(mm.ConfigError, match="token_ctc_weight"):
