@@ -170,7 +170,10 @@ def main() -> None:
     if args.step in ("train", "all"):
         from digits import train
 
-        print(json.dumps({"stage_seconds": train(RUN, extra=args.overrides, stages=STAGES, prefix="espeak")}))
+        # speech_ctc starts from a fresh Conformer (its config says why), not from speech_ssl
+        seconds = train(RUN, extra=args.overrides, stages=STAGES[:1], prefix="espeak")
+        seconds |= train(RUN, extra=args.overrides, stages=STAGES[1:], prefix="espeak")
+        print(json.dumps({"stage_seconds": seconds}))
     if args.step in ("eval", "all"):
         print(json.dumps(report(), indent=2))
 
