@@ -60,6 +60,30 @@ class AugmentConfig:
 
 
 @dataclass
+class SpecAugmentConfig:
+    """SpecAugment masking of each training recording's log-mel features (speech.audio.SpecAugment;
+    off by default): bands of mel channels and stretches of frames set to the utterance mean."""
+
+    freq_masks: int = 0
+    freq_width: int = 27  # most mel channels per band (the paper's LibriSpeech setting)
+    time_masks: int = 0
+    time_width: int = 40  # most 10 ms frames per stretch
+    time_ratio: float = 0.05  # and at most this share of the recording per stretch
+
+    def transform(self):
+        if not self.freq_masks and not self.time_masks:
+            return None
+        from speech.audio import SpecAugment
+
+        return SpecAugment(self.freq_masks, self.freq_width, self.time_masks, self.time_width, self.time_ratio)
+
+    def validate(self) -> list[str]:
+        if min(self.freq_masks, self.freq_width, self.time_masks, self.time_width) < 0 or not 0 < self.time_ratio <= 1:
+            return ["data.spec_augment: counts and widths must be >= 0 and 0 < time_ratio <= 1"]
+        return []
+
+
+@dataclass
 class DataConfig:
     shards: list[str] = field(default_factory=list)  # .tar files, brace patterns or folders
     kind: str = "captions"  # captions | qa (audio: each sample's json decides: a caption is a
@@ -72,6 +96,7 @@ class DataConfig:
     group_by_size: int = 0  # G > 0: batches of samples of similar size, cut from G batches' worth
     # (less padding for recordings of different lengths; see mm.data.ShardBatches)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    spec_augment: SpecAugmentConfig = field(default_factory=SpecAugmentConfig)  # audio only
 
 
 @dataclass
@@ -155,6 +180,9 @@ class StageConfig:
             problems.append("init_video_from_image is for video_pretrain (it replaces the video path)")
         if self.data.media != "image" and self.data.augment.transform() is not None:
             problems.append("data.augment applies to images only")
+        problems += self.data.spec_augment.validate()
+        if self.data.media != "audio" and self.data.spec_augment.transform() is not None:
+            problems.append("data.spec_augment applies to audio only")
         if self.loss == "clip" and self.data.kind != "captions":
             problems.append("the clip loss needs data.kind: captions")
         if any(p == "decoder" or p.startswith("decoder.") for p in self.train):
@@ -322,6 +350,8 @@ class LMExamples:
         from mm.model import ASR_PROMPT
 
         features = self.audio_processor.features((decode_audio(sample), SAMPLE_RATE))
+        if self.augment:
+            features = self.augment(features)
         fields = sample_json(sample)
         if "caption" in fields:
             prompt, target = ASR_PROMPT.format(language=fields.get("language", "English")), fields["caption"]
@@ -425,11 +455,12 @@ class SpeechExamples:
     """Raw audio sample -> log-mel features (speech_ssl), and the transcript's characters
     (speech_ctc: the caption, or the spoken question of a dialogue sample)."""
 
-    def __init__(self, model, transcripts: bool = False) -> None:
-        self.audio_processor, self.transcripts = model.audio_processor, transcripts
+    def __init__(self, model, transcripts: bool = False, augment=None) -> None:
+        self.audio_processor, self.transcripts, self.augment = model.audio_processor, transcripts, augment
 
     def __call__(self, sample: dict) -> dict:
-        example = {"audio": self.audio_processor.features((decode_audio(sample), SAMPLE_RATE))}
+        features = self.audio_processor.features((decode_audio(sample), SAMPLE_RATE))
+        example = {"audio": self.augment(features) if self.augment else features}
         if self.transcripts:
             fields = sample_json(sample)
             example["ctc"] = ctc_labels(str(fields.get("caption", fields.get("question", ""))))

@@ -80,7 +80,7 @@ class Task:
                 self.objective = CTCObjective(self.model.encoders["audio"])
                 self.aux, prefix = self.objective.ctc, "ctc"
             self.trainable.update({f"{prefix}.{k}": v for k, v in self.aux.named_parameters()})
-            self.decode, self.collate = SpeechExamples(self.model, transcripts=cfg.loss == "ctc"), collate_speech
+            self.decode, self.collate = SpeechExamples(self.model, cfg.loss == "ctc", cfg.data.spec_augment.transform()), collate_speech
             return
         self.objective = LMObjective(self.model, cfg.ctc_weight, cfg.token_ctc_weight)
         if self.objective.ctc is not None:
@@ -89,8 +89,8 @@ class Task:
                 carry_ctc_head(Path(cfg.init), self.aux)
             self.trainable.update({f"ctc.{k}": v for k, v in self.aux.named_parameters()})
         pad = self.model.tokenizer.pad_token_id or 0
-        self.decode = LMExamples(self.model, cfg.data.kind, cfg.max_text_tokens, cfg.data.augment.transform(),
-                                 cfg.data.media)
+        augment = (cfg.data.spec_augment if cfg.data.media == "audio" else cfg.data.augment).transform()
+        self.decode = LMExamples(self.model, cfg.data.kind, cfg.max_text_tokens, augment, cfg.data.media)
         self.collate = lambda examples: collate_lm(examples, pad)
 
     def trained_tensors(self) -> dict[str, torch.Tensor]:

@@ -275,3 +275,26 @@ class LogMel:
         device = self.mel.spectrogram.window.device
         x = self.mel(wave.to(device, torch.float32)).clamp(min=1e-10).log().T  # [T, n_mels]
         return ((x - x.mean(dim=0)) / (x.std(dim=0, unbiased=False) + 1e-5)).contiguous()
+
+
+class SpecAugment:
+    """SpecAugment's masking (Park et al. 2019) of a training recording's normalised log-mel
+    features [T, n_mels]: `freq_masks` bands of up to `freq_width` mel channels and `time_masks`
+    stretches of up to `time_width` frames (each at most `time_ratio` of the recording) set to 0,
+    the utterance mean after normalisation. Widths and places are drawn uniformly (torchaudio's
+    masking, from torch's global generator)."""
+
+    def __init__(self, freq_masks: int, freq_width: int, time_masks: int, time_width: int,
+                 time_ratio: float) -> None:
+        self.freq_masks, self.time_masks = freq_masks, time_masks
+        self.freq = torchaudio.transforms.FrequencyMasking(freq_width)
+        self.time = torchaudio.transforms.TimeMasking(time_width, p=time_ratio)
+
+    @torch.no_grad()
+    def __call__(self, features: Tensor) -> Tensor:
+        x = features.T[None]  # [1, n_mels, T]: torchaudio's (channel, freq, time)
+        for _ in range(self.freq_masks):
+            x = self.freq(x)
+        for _ in range(self.time_masks):
+            x = self.time(x)
+        return x[0].T.contiguous()

@@ -382,9 +382,23 @@ def test_speech_ctc_stage_and_size_grouped_batches(speech_shards, tmp_path):
     batch = collate_speech([SpeechExamples(mm.load("tiny"), transcripts=True)(sample)])
     assert batch["ctc_lengths"][0] > 0 and isinstance(objective.greedy(batch["features"], batch["lengths"])[0], str)
 
+    from mm.train import Task
+
+    # data.spec_augment masks the training recordings' features (speech_ctc's and speech_sft's)
+    masked = ["data.spec_augment.freq_masks=2", "data.spec_augment.time_masks=2"]
+    for stage in ("speech_ctc", "speech_sft"):
+        task = Task(stage_config(tmp_path, stage, [speech_shards / "asr"], ["init=null", *masked]))
+        plain = Task(stage_config(tmp_path, stage, [speech_shards / "asr"], ["init=null"]))
+        features = task.decode(sample)["audio"]
+        assert torch.equal(plain.decode(sample)["audio"], plain.decode(sample)["audio"])
+        assert features.shape == plain.decode(sample)["audio"].shape and (features == 0).all(0).any()
+    with pytest.raises(mm.ConfigError, match="spec_augment applies to audio only"):
+        load_stage_config("configs/stages/image_sft.yaml", ["model=tiny", *masked])
+    with pytest.raises(mm.ConfigError, match="time_ratio"):
+        stage_config(tmp_path, "speech_ctc", [speech_shards / "asr"], ["data.spec_augment.time_ratio=0"])
+
     # speech_sft with a CTC loss starts from the head speech_ctc trained, not a fresh one
     from mm.checkpoint import load_tensors
-    from mm.train import Task
 
     sft = Task(stage_config(tmp_path, "speech_sft", [speech_shards / "asr"], [f"init={final}", "ctc_weight=0.3"]))
     trained = load_tensors(final / "trainer.safetensors")

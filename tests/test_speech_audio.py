@@ -261,6 +261,24 @@ def test_log_mel_hop_is_10_ms():
     assert loudest == int(fb[1000 // 40].argmax())  # the mel bin of 1 kHz
 
 
+def test_spec_augment_masks_bands_and_stretches_only():
+    """Each mask sets whole mel bands or whole frames to the utterance mean (0); nothing else changes;
+    no stretch is longer than time_ratio of the recording."""
+    from speech.audio import SpecAugment
+
+    torch.manual_seed(0)
+    feats = torch.randn(300, 80) + 3.0  # no zeros to begin with
+    for _ in range(20):
+        out = SpecAugment(2, 27, 2, 40, 0.05)(feats)
+        assert out.shape == feats.shape
+        zero = out == 0
+        bands, frames = zero.all(0), zero.all(1)
+        assert torch.equal(zero, bands[None, :] | frames[:, None])  # masks are whole bands / frames
+        assert torch.equal(out[~zero], feats[~zero])
+        assert 0 < bands.sum() <= 2 * 27 and frames.sum() <= 2 * 15  # 15 = 5% of 300 frames
+    assert SpecAugment(0, 27, 0, 40, 0.05)(feats).equal(feats)
+
+
 # ---- shards -----------------------------------------------------------------------------------------
 def test_mm_data_writes_audio_shards_skipping_a_corrupt_file(tmp_path, capsys):
     paths = {"one": write_audio(tmp_path / "one.flac", tone(300, 22050, 0.6), 22050),
