@@ -22,6 +22,11 @@ class Sampler:
             raise ValueError(f"bad sampling settings: {self}")
         self._generator: torch.Generator | None = None
 
+    def bind(self, inputs) -> "Sampler":
+        """The sampler for one decode of these DecoderInputs: itself (a sampler that reads the
+        media, such as speech.ctc_prefix.JointSampler, starts from them here)."""
+        return self
+
     def __call__(self, logits: Tensor) -> Tensor:
         """logits [b, vocab] -> token ids [b]."""
         if self.temperature == 0:

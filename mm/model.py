@@ -28,6 +28,7 @@ from mm.generation import Sampler, incremental_text
 from mm.llama_step import LlamaDecodeStep, supports
 from speech import AudioFeatures, AudioProcessor, ConformerEncoder, SpeechAdapter
 from speech.adapter import token_runs
+from speech.ctc_prefix import JointSampler
 from video import FrameProcessor, TemporalAggregator
 from vision import ImageEncoder, ImageProcessor
 from vision.tiling import aspect_ratio_id
@@ -60,14 +61,17 @@ def image_adapter_layers(adapter: ImageAdapterConfig, n_layers: int) -> list[int
 class DecoderInputs:
     """What the decoder reads for a batch once its media are encoded: the ids (with speech
     spliced into the input, each audio token expanded to its recording's positions), their mask
-    and labels (None when not training), the cross-attention contexts by kind, and the speech
-    embeddings [k, d] that replace the k audio-token positions in row-major order (or None)."""
+    and labels (None when not training), the cross-attention contexts by kind, the speech
+    embeddings [k, d] that replace the k audio-token positions in row-major order (or None), and
+    with speech.adapter.tokens the token head's logits [n, m, 1 + vocab] of the n recordings and
+    their valid outputs [n, m] (or None)."""
 
     ids: Tensor
     attention_mask: Tensor
     labels: Tensor | None
     media: dict
     spliced: Tensor | None
+    token_logits: tuple[Tensor, Tensor] | None = None
 
 
 def expand_positions(ids: Tensor, attention_mask: Tensor, labels: Tensor | None, at: Tensor, counts: Tensor,
@@ -263,14 +267,15 @@ class MultimodalModel(nn.Module):
 
     def audio_inputs(self, ids: Tensor, attention_mask: Tensor, labels: Tensor | None, audio: AudioFeatures,
                      audio_rows: Tensor) -> tuple:
-        """-> (MediaContext or None, spliced embeddings or None, ids, attention_mask, labels): how
-        the speech reaches the decoder, by speech.attach. Spliced: every recording fills the run
-        of audio tokens that `prepare` put in its place, one token per adapter output; with
-        adapter.tokens, `prepare` puts one audio token per recording, expanded here to as many
-        as the recording has token runs (speech/adapter.py)."""
+        """-> (MediaContext or None, spliced embeddings or None, ids, attention_mask, labels, the
+        token head's logits and valid outputs or None): how the speech reaches the decoder, by
+        speech.attach. Spliced: every recording fills the run of audio tokens that `prepare` put
+        in its place, one token per adapter output; with adapter.tokens, `prepare` puts one audio
+        token per recording, expanded here to as many as the recording has token runs
+        (speech/adapter.py)."""
         states, valid = self.encode_audio(audio)
         if self.config.speech.attach == "cross_attention":
-            return self._context("audio", ids, states, valid, audio_rows), None, ids, attention_mask, labels
+            return self._context("audio", ids, states, valid, audio_rows), None, ids, attention_mask, labels, None
         at = ids == self.media_token_ids["audio"]
         rows = at.nonzero(as_tuple=True)[0]
         head = self.speech_adapter.tokens
@@ -280,12 +285,13 @@ class MultimodalModel(nn.Module):
             raise InputError("prompt", f"{rows.numel()} {MEDIA_TOKENS['audio']} positions for recordings of "
                                        f"{per_recording.tolist()} positions")
         if head is None:
-            return None, states[valid], ids, attention_mask, labels
+            return None, states[valid], ids, attention_mask, labels, None
         table = self.decoder.get_input_embeddings().weight
-        runs, counts = token_runs(head(states, valid, table), valid, table)
+        logits = head(states, valid, table)
+        runs, counts = token_runs(logits, valid, table)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids, attention_mask, labels = expand_positions(ids, attention_mask, labels, at, counts, pad)
-        return None, runs, ids, attention_mask, labels
+        return None, runs, ids, attention_mask, labels, (logits, valid)
 
     def _context(self, kind: str, ids: Tensor, states: Tensor, valid: Tensor, rows_of: Tensor) -> MediaContext:
         """Media states [n, m, d] -> a MediaContext packed per row, each visible from its token on."""
@@ -324,13 +330,13 @@ class MultimodalModel(nn.Module):
         spliced into the input it may change the positions the other media's tokens sit at."""
         if attention_mask is None:
             attention_mask = torch.ones_like(ids)
-        audio_context, spliced = None, None
+        audio_context, spliced, token_logits = None, None, None
         if audio is not None and len(audio):
-            audio_context, spliced, ids, attention_mask, labels = self.audio_inputs(ids, attention_mask, labels,
-                                                                                    audio, audio_rows)
+            audio_context, spliced, ids, attention_mask, labels, token_logits = self.audio_inputs(
+                ids, attention_mask, labels, audio, audio_rows)
         media = {"image": self.image_context(ids, images, image_rows),
                  "video": self.video_context(ids, videos, video_rows), "audio": audio_context}
-        return DecoderInputs(ids, attention_mask, labels, media, spliced)
+        return DecoderInputs(ids, attention_mask, labels, media, spliced, token_logits)
 
     @torch.no_grad()
     def prefix_cache(self, ids: Tensor) -> list[tuple[Tensor, Tensor]]:
@@ -462,6 +468,7 @@ class MultimodalModel(nn.Module):
         get the pad token. End-of-turn tokens cannot be chosen before `min_new_tokens`."""
         inputs = self.media_inputs(batch.ids, batch.attention_mask, **batch.media())
         ids, mask, media, spliced = inputs.ids, inputs.attention_mask, inputs.media, inputs.spliced
+        sampler = sampler.bind(inputs)
         self.last_context = media["image"]  # kept for inspection (tests count key/value computations)
         self.last_contexts = media
         stop = torch.tensor(sorted(self.eos_token_ids()), device=ids.device)
@@ -552,12 +559,15 @@ class MultimodalModel(nn.Module):
         return self._complete(self.prepare(conversations, max_new_tokens), max_new_tokens,
                               Sampler(temperature, top_k, top_p, seed))
 
-    def transcribe(self, audio, language: str = "English", *, max_new_tokens: int | None = None) -> str | list[str]:
+    def transcribe(self, audio, language: str = "English", *, max_new_tokens: int | None = None,
+                   ctc_weight: float | None = None) -> str | list[str]:
         """What was said (the ASR prompt of speech_sft): one recording -> str, a list -> a list.
 
-        A transcript is cut at max_new_tokens, by default at `transcript_budget` of the
-        recording's length: a decoder caught repeating itself stops about where the speech
-        ended instead of running on."""
+        With the adapter's token head, each next token is chosen by the decoder and the head's CTC
+        together (speech/ctc_prefix.py), ctc_weight (default speech.adapter.ctc_weight) being the
+        head's share; 0 leaves the choice to the decoder. A transcript is cut at max_new_tokens,
+        by default at `transcript_budget` of the recording's length: a decoder caught repeating
+        itself stops about where the speech ended instead of running on."""
         recordings = audio if isinstance(audio, list) else [audio]
         prompt = ASR_PROMPT.format(language=language)
         conversations = [self.user_messages(prompt, [], audios=[a]) for a in recordings]
@@ -565,7 +575,14 @@ class MultimodalModel(nn.Module):
         batch = self.prepare(conversations, cap)
         frames = batch.audio.lengths.tolist() if batch.audio is not None else [0] * len(recordings)
         limits = [self.transcript_budget(n * FEATURE_SECONDS) if max_new_tokens is None else cap for n in frames]
-        out = self._complete(batch, max(limits), Sampler(), limits)
+        adapter = self.config.speech.adapter
+        weight = adapter.ctc_weight if ctc_weight is None else ctc_weight
+        if not 0 <= weight <= 1:
+            raise InputError("ctc_weight", f"{weight} is not in [0, 1]")
+        sampler = Sampler()
+        if weight > 0 and adapter.tokens:  # (tokens implies speech spliced into the input)
+            sampler = JointSampler(sorted(self.eos_token_ids()), weight, adapter.ctc_candidates)
+        out = self._complete(batch, max(limits), sampler, limits)
         return out if isinstance(audio, list) else out[0]
 
     @staticmethod

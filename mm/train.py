@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from mm.api import CONFIG_FILE, FORMAT, WEIGHTS_FILE, build, load_checkpoint, load_adapter_tensors
+from mm.api import CONFIG_FILE, FORMAT, WEIGHTS_FILE, build, checkpoint_chain, load_checkpoint, load_adapter_tensors
 from mm.checkpoint import load_tensors, remove_stale_temporaries, write_dir_atomically
 from mm.data import ShardBatches, batch_loader, expand_shards, to_tensor_dict
 from mm.errors import CheckpointError
@@ -79,6 +79,8 @@ class Task:
             else:
                 self.objective = CTCObjective(self.model.encoders["audio"])
                 self.aux, prefix = self.objective.ctc, "ctc"
+                if cfg.init:  # a speech_ctc run that goes on from another keeps its head
+                    carry_ctc_head(Path(cfg.init), self.aux)
             self.trainable.update({f"{prefix}.{k}": v for k, v in self.aux.named_parameters()})
             self.decode, self.collate = SpeechExamples(self.model, cfg.loss == "ctc", cfg.data.spec_augment.transform()), collate_speech
             return
@@ -113,18 +115,19 @@ class Task:
 
 
 def carry_ctc_head(init: Path, head: torch.nn.Module) -> bool:
-    """Start speech_sft's CTC head from the one its init checkpoint trained (speech_ctc keeps it
-    beside the optimizer state), so that a fresh head does not pull on an encoder that already
-    reads: True when one was there."""
-    path = init / STATE_FILE
-    if not path.is_file():
-        return False
-    state = {k[len("aux."):]: v for k, v in load_tensors(path).items() if k.startswith("aux.head.")}
+    """Start a character CTC head from the one that the init checkpoint, or the newest of the
+    checkpoints it was initialised from, trained (speech_ctc keeps it beside the optimizer state),
+    so that a fresh head does not pull on an encoder that already reads: True when one was there."""
     expected = {k: v.shape for k, v in head.state_dict().items()}
-    if {k: v.shape for k, v in state.items()} != expected:
-        return False
-    head.load_state_dict(state)
-    return True
+    for checkpoint, _ in reversed(checkpoint_chain(init)):
+        path = checkpoint / STATE_FILE
+        if not path.is_file():
+            continue
+        state = {k[len("aux."):]: v for k, v in load_tensors(path).items() if k.startswith("aux.head.")}
+        if {k: v.shape for k, v in state.items()} == expected:
+            head.load_state_dict(state)
+            return True
+    return False
 
 
 def lr_factor(step: int, cfg) -> float:

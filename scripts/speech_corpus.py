@@ -21,6 +21,8 @@ Manifests in OUT (paths relative to OUT):
     asr_train.jsonl             audio, caption (transcript), voice, rate
     asr_heldout.jsonl           held-out sentences, training voices
     asr_heldout_voices.jsonl    the same sentences, held-out voices
+    asr_dev.jsonl               other unseen sentences, training voices: for choosing settings
+                                (such as decoding weights) without looking at the held-out ones
     dialogue_train.jsonl        audio, question (what is spoken, typed), answer, voice, rate
     dialogue_heldout.jsonl      held-out questions
 The answer is the bundled decoder's own greedy reply to the typed question (mm.load("smollm2"),
@@ -152,14 +154,18 @@ def split(sentences: list[str], args) -> dict[str, list[str]]:
     parts = {"asr_train": pool[: args.train_sentences], "asr_heldout": heldout,
              "dialogue_train": [s for s in pool if s.endswith("?")][: args.dialogue_train],
              "dialogue_heldout": dialogue_heldout}
+    spoken = set(parts["dialogue_train"])  # dev: from the end of the pool, away from any training text
+    parts["asr_dev"] = [s for s in reversed(pool[args.train_sentences:]) if s not in spoken][: args.dev_sentences]
     wanted = {"asr_train": args.train_sentences, "asr_heldout": args.heldout_sentences,
-              "dialogue_train": args.dialogue_train, "dialogue_heldout": args.dialogue_heldout}
+              "dialogue_train": args.dialogue_train, "dialogue_heldout": args.dialogue_heldout,
+              "asr_dev": args.dev_sentences}
     for name, n in wanted.items():
         if len(parts[name]) < n:
             sys.exit(f"speech_corpus: error: only {len(parts[name])} sentences for {name} (asked for {n}; "
                      f"the corpus has {len(sentences)} sentences, {len(questions)} questions)")
     trained = set(parts["asr_train"]) | set(parts["dialogue_train"])
-    assert not trained & (set(heldout) | set(dialogue_heldout))
+    assert not trained & (set(heldout) | set(dialogue_heldout) | set(parts["asr_dev"]))
+    assert not set(parts["asr_dev"]) & (set(heldout) | set(dialogue_heldout))
     return parts
 
 
@@ -268,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "data" / "speech")
     p.add_argument("--train-sentences", type=int, default=3000)
     p.add_argument("--heldout-sentences", type=int, default=200)
+    p.add_argument("--dev-sentences", type=int, default=100)
     p.add_argument("--dialogue-train", type=int, default=600)
     p.add_argument("--dialogue-heldout", type=int, default=100)
     p.add_argument("--max-new-tokens", type=int, default=24, help="length of the decoder's replies")
@@ -287,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         "asr_heldout_voices": assign_voices(parts["asr_heldout"], HELDOUT_VOICES, f"{args.seed}/heldout_voices"),
         "dialogue_train": assign_voices(parts["dialogue_train"], TRAIN_VOICES, f"{args.seed}/dialogue_train"),
         "dialogue_heldout": assign_voices(parts["dialogue_heldout"], TRAIN_VOICES, f"{args.seed}/dialogue_heldout"),
+        "asr_dev": assign_voices(parts["asr_dev"], TRAIN_VOICES, f"{args.seed}/asr_dev"),
     }
 
     # speech

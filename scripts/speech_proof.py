@@ -1,15 +1,18 @@
-"""The speech proof: real synthesized speech (espeak-ng) through speech_ssl, speech_ctc and
-speech_sft with the bundled SmolLM2-135M-Instruct frozen, then word error rate and spoken-dialogue
-agreement.
+"""The speech proof: real synthesized speech (espeak-ng) through speech_ssl, then speech_ctc ->
+speech_sft -> speech_ctc_masked -> speech_sft_masked (the last two go on with SpecAugment masking)
+with the bundled SmolLM2-135M-Instruct frozen, then word error rate and spoken-dialogue agreement.
 
     python scripts/speech_proof.py data    # the corpus (scripts/speech_corpus.py) -> data/speech/
-    python scripts/speech_proof.py train   # speech_ssl -> speech_ctc -> speech_sft (configs/stages/espeak_speech_*)
+    python scripts/speech_proof.py train   # the stages (configs/stages/espeak_speech_*.yaml)
     python scripts/speech_proof.py eval    # held-out figures -> docs/results/speech.json
+    python scripts/speech_proof.py dev [W ...]   # WER on the dev sentences per transcription CTC weight
     python scripts/speech_proof.py all
 
 Held-out figures:
-  wer                  sentences never in training, spoken by the training voices
+  wer                  sentences never in training, spoken by the training voices (model.transcribe:
+                       the decoder and the token head's CTC together, speech.adapter.ctc_weight)
   wer_heldout_voices   the same sentences, spoken by voices never used in training
+  *_decoder_alone      the same, transcribed by the decoder alone (ctc_weight 0)
   *_ctc_head           the same, read by the Conformer's character CTC head alone (greedy, no
                        decoder): what the encoder hears
   *_token_head         the same, read by the speech adapter's token head alone (greedy, no
@@ -33,7 +36,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 DATA = ROOT / "data" / "speech"
 RUN = ROOT / "runs" / "speech"
-STAGES = ["speech_ssl", "speech_ctc", "speech_sft"]
+STAGES = ["speech_ssl", "speech_ctc", "speech_sft", "speech_ctc_masked", "speech_sft_masked"]
+FINAL = RUN / STAGES[-1] / "final"
 
 
 def rows(name: str) -> list[dict]:
@@ -46,13 +50,13 @@ def audio_path(row: dict) -> str:
     return str(path if path.is_absolute() else DATA / path)
 
 
-def transcripts(model, items: list[dict], batch_size: int = 16) -> list[dict]:
+def transcripts(model, items: list[dict], batch_size: int = 16, ctc_weight: float | None = None) -> list[dict]:
     from mm.evaluate import word_errors
 
     out = []
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
-        said = model.transcribe([audio_path(r) for r in chunk], language="English")
+        said = model.transcribe([audio_path(r) for r in chunk], language="English", ctc_weight=ctc_weight)
         for r, hyp in zip(chunk, said):
             errors, words = word_errors(r["caption"], hyp)
             out.append({"audio": r["audio"], "voice": r.get("voice"), "reference": r["caption"], "hypothesis": hyp,
@@ -73,7 +77,8 @@ def replies(model, items: list[dict], max_new_tokens: int, batch_size: int = 16)
 
 def ctc_transcripts(model, model_dirs: list[Path], items: list[dict], batch_size: int = 16) -> list[dict] | None:
     """Best-path transcripts of the Conformer's character CTC head alone (no decoder): what the
-    encoder hears. The head is the first that one of `model_dirs` trained; None when none did."""
+    encoder hears. The head is the newest that one of `model_dirs` (or the checkpoints it was
+    initialised from) trained; None when none did."""
     from mm.evaluate import word_errors
     from mm.stages import CTCObjective
     from mm.train import carry_ctc_head
@@ -128,13 +133,15 @@ def evaluate(model_dir: Path) -> dict:
 
     corpus = json.loads((DATA / "corpus.json").read_text())
     model = mm.load(model_dir)
-    figures, start = {}, time.time()
+    figures, start = {"ctc_weight": model.config.speech.adapter.ctc_weight}, time.time()
     for name, key in (("asr_heldout", "wer"), ("asr_heldout_voices", "wer_heldout_voices")):
         results = transcripts(model, rows(name))
         (RUN / f"{name}_transcripts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
         figures[key] = wer(results)
         figures[f"{key}_utterances"] = len(results)
-        heard = ctc_transcripts(model, [model_dir, RUN / "speech_ctc" / "final"], rows(name))
+        if model.config.speech.adapter.tokens:
+            figures[f"{key}_decoder_alone"] = wer(transcripts(model, rows(name), ctc_weight=0.0))
+        heard = ctc_transcripts(model, [model_dir], rows(name))
         if heard is not None:
             figures[f"{key}_ctc_head"] = wer(heard)
         heard = token_transcripts(model, rows(name))
@@ -150,19 +157,28 @@ def evaluate(model_dir: Path) -> dict:
     return figures
 
 
+def dev_sweep(model_dir: Path, weights: list[float]) -> dict:
+    """WER on the dev sentences (neither trained on nor held out) per transcription CTC weight:
+    where speech.adapter.ctc_weight is chosen, without looking at the held-out sentences."""
+    import mm
+
+    model = mm.load(model_dir)
+    return {str(w): wer(transcripts(model, rows("asr_dev"), ctc_weight=w)) for w in weights}
+
+
 def report() -> dict:
     from digits import write_results
     from mm.train import run_summary
 
-    return write_results("speech", {"heldout": evaluate(RUN / "speech_sft" / "final"),
+    return write_results("speech", {"heldout": evaluate(FINAL),
                                     "training": {stage: run_summary(RUN / stage) for stage in STAGES},
                                     "corpus": json.loads((DATA / "corpus.json").read_text())})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=["data", "train", "eval", "all"])
-    parser.add_argument("overrides", nargs="*", help="key=value for every stage")
+    parser.add_argument("step", choices=["data", "train", "eval", "dev", "all"])
+    parser.add_argument("overrides", nargs="*", help="key=value for every stage (dev: the CTC weights)")
     args = parser.parse_args()
     if args.step in ("data", "all"):
         subprocess.run([sys.executable, str(ROOT / "scripts" / "speech_corpus.py"), "--out", str(DATA),
@@ -174,6 +190,9 @@ def main() -> None:
         seconds = train(RUN, extra=args.overrides, stages=STAGES[:1], prefix="espeak")
         seconds |= train(RUN, extra=args.overrides, stages=STAGES[1:], prefix="espeak")
         print(json.dumps({"stage_seconds": seconds}))
+    if args.step == "dev":
+        weights = [float(w) for w in args.overrides] or [0.0, 0.3, 0.5, 0.7, 0.9]
+        print(json.dumps({"dev_wer_by_ctc_weight": dev_sweep(FINAL, weights)}))
     if args.step in ("eval", "all"):
         print(json.dumps(report(), indent=2))
 

@@ -31,6 +31,9 @@ class SpeechAdapterConfig:
     stride: int = 2
     tokens: bool = False  # read each output as one of the decoder's tokens or blank, and splice one
     # embedding per run of the same token (blank outputs dropped): speech/adapter.py, TokenHead
+    ctc_weight: float = 0.5  # with tokens: transcripts are chosen by the decoder and the token head's
+    # CTC together, this the head's share (speech/ctc_prefix.py; 0: the decoder alone)
+    ctc_candidates: int = 8  # the decoder's likeliest tokens scored at each step of that search
 
 
 @dataclass
@@ -58,6 +61,8 @@ class SpeechConfig:
             problems.append(f"attach '{self.attach}' is not input or cross_attention")
         if self.adapter.tokens and self.attach != "input":
             problems.append("adapter.tokens shapes the decoder's input: it needs attach: input")
+        if not 0 <= self.adapter.ctc_weight <= 1 or self.adapter.ctc_candidates < 1:
+            problems.append("adapter.ctc_weight must be in [0, 1] and adapter.ctc_candidates at least 1")
         if self.conv_kernel % 2 == 0 or self.adapter.kernel % 2 == 0:
             problems.append("conv_kernel and adapter.kernel must be odd")
         if min(self.stack, self.adapter.stride, self.layers, self.n_mels) < 1 or self.max_seconds <= 0:

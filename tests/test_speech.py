@@ -405,3 +405,6 @@ def test_speech_ctc_stage_and_size_grouped_batches(speech_shards, tmp_path):
     assert torch.equal(sft.aux.head.weight, trained["aux.head.weight"])
     fresh = Task(stage_config(tmp_path, "speech_sft", [speech_shards / "asr"], ["init=null", "ctc_weight=0.3"]))
     assert not torch.equal(fresh.aux.head.weight, trained["aux.head.weight"])
+    # and so does a speech_ctc run that goes on from one (here with masking)
+    more = Task(stage_config(tmp_path, "speech_ctc", [speech_shards / "asr"], [f"init={final}", *masked]))
+    assert torch.equal(more.aux.head.weight, trained["aux.head.weight"])

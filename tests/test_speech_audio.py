@@ -368,11 +368,13 @@ def test_corpus_sentences_are_clean_deduplicated_and_held_out(tmp_path):
     sentences = corpus.corpus_sentences()
     assert len(sentences) > 5000 and sum(s.endswith("?") for s in sentences) > 700
     args = type("Args", (), dict(seed=3, train_sentences=2000, heldout_sentences=100, dialogue_train=300,
-                                 dialogue_heldout=50))
+                                 dialogue_heldout=50, dev_sentences=80))
     parts = corpus.split(sentences, args)
     assert parts == corpus.split(sentences, args)  # seeded
-    assert [len(parts[k]) for k in ("asr_train", "asr_heldout", "dialogue_train", "dialogue_heldout")] == [
-        2000, 100, 300, 50]
+    assert [len(parts[k]) for k in ("asr_train", "asr_heldout", "dialogue_train", "dialogue_heldout", "asr_dev")] == [
+        2000, 100, 300, 50, 80]
     held_out = set(parts["asr_heldout"]) | set(parts["dialogue_heldout"])
-    assert not held_out & (set(parts["asr_train"]) | set(parts["dialogue_train"]))
+    trained = set(parts["asr_train"]) | set(parts["dialogue_train"])
+    assert not held_out & trained
+    assert not set(parts["asr_dev"]) & (held_out | trained)
     assert all(q.endswith("?") for q in parts["dialogue_train"] + parts["dialogue_heldout"])
