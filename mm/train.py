@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import yaml
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -123,7 +124,11 @@ def carry_ctc_head(init: Path, head: torch.nn.Module) -> bool:
         path = checkpoint / STATE_FILE
         if not path.is_file():
             continue
-        state = {k[len("aux."):]: v for k, v in load_tensors(path).items() if k.startswith("aux.head.")}
+        try:
+            with safe_open(str(path), framework="pt") as f:  # the head only, not the optimizer's moments
+                state = {k[len("aux."):]: f.get_tensor(k) for k in f.keys() if k.startswith("aux.head.")}
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(path, f"not a valid safetensors file ({e})") from None
         if {k: v.shape for k, v in state.items()} == expected:
             head.load_state_dict(state)
             return True

@@ -39,8 +39,8 @@ class CTCPrefixScorer:
         b, T, _ = self.x.shape
         self.lengths = lengths.to(self.x.device).clamp(min=1)
         self.live = torch.arange(T, device=self.x.device)[None] < self.lengths[:, None]  # [b, T]
-        blank = self.x[..., BLANK].masked_fill(~self.live, 0.0)
-        self.r_b = blank.cumsum(1)  # empty prefix: only blanks so far
+        self.x_blank = self.x[..., BLANK].masked_fill(~self.live, 0.0)  # [b, T]
+        self.r_b = self.x_blank.cumsum(1)  # empty prefix: only blanks so far
         self.r_n = torch.full_like(self.r_b, NEG)
         self.psi = torch.zeros(b, device=self.x.device)  # log psi(empty) = log 1
         self.last = torch.full((b,), -1, dtype=torch.long, device=self.x.device)  # no token yet
@@ -56,7 +56,6 @@ class CTCPrefixScorer:
         b, T, _ = self.x.shape
         x_c = self.x.gather(2, (tokens + 1)[:, None, :].expand(b, T, tokens.shape[1]))  # [b, T, k]
         x_c = x_c.masked_fill(~self.live[..., None], 0.0)
-        x_blank = self.x[..., BLANK].masked_fill(~self.live, 0.0)
         # paths into c at t may leave g at t-1 by a blank, or by g's last label only if c differs
         g_any = torch.logaddexp(self.r_n, self.r_b)[..., None]  # [b, T, 1]
         phi = torch.where((tokens == self.last[:, None])[:, None, :], self.r_b[..., None], g_any)
@@ -69,7 +68,7 @@ class CTCPrefixScorer:
             live = self.live[:, t, None]
             n = torch.logaddexp(r_n[:, t - 1], phi[:, t - 1]) + x_c[:, t]
             r_n[:, t] = torch.where(live, n, r_n[:, t - 1])
-            r_b[:, t] = torch.where(live, torch.logaddexp(r_b[:, t - 1], r_n[:, t - 1]) + x_blank[:, t, None],
+            r_b[:, t] = torch.where(live, torch.logaddexp(r_b[:, t - 1], r_n[:, t - 1]) + self.x_blank[:, t, None],
                                     r_b[:, t - 1])
             psi = torch.where(live, torch.logaddexp(psi, phi[:, t - 1] + x_c[:, t]), psi)
         return psi, r_n.transpose(1, 2), r_b.transpose(1, 2)
