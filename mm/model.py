@@ -160,6 +160,7 @@ class MultimodalModel(nn.Module):
         self.frame_processor = FrameProcessor(v.image_size, config.video.frames, v.mean, v.std)
         self.audio_processor = AudioProcessor(config.speech)
         self._decoder_sha256: str | None = None
+        self._lexicon = None  # the character search's word list (speech/lm_beam.py), built on first use
         # how decode() runs generated tokens: "lean" through mm.llama_step (the decoder's modules,
         # pre-allocated cache, fewer steps per token), "compile" the same through torch.compile
         # (pays off over long or many replies), "plain" through the decoder's forward
@@ -560,15 +561,23 @@ class MultimodalModel(nn.Module):
                               Sampler(temperature, top_k, top_p, seed))
 
     def transcribe(self, audio, language: str = "English", *, max_new_tokens: int | None = None,
-                   ctc_weight: float | None = None) -> str | list[str]:
-        """What was said (the ASR prompt of speech_sft): one recording -> str, a list -> a list.
+                   ctc_weight: float | None = None, method: str | None = None) -> str | list[str]:
+        """What was said: one recording -> str, a list -> a list.
 
-        With the adapter's token head, each next token is chosen by the decoder and the head's CTC
-        together (speech/ctc_prefix.py), ctc_weight (default speech.adapter.ctc_weight) being the
-        head's share; 0 leaves the choice to the decoder. A transcript is cut at max_new_tokens,
-        by default at `transcript_budget` of the recording's length: a decoder caught repeating
-        itself stops about where the speech ended instead of running on."""
+        method (default speech.transcriber.method): "characters" reads the Conformer's character
+        head, searched with the frozen decoder as a word-level language model (speech/lm_beam.py):
+        lower-case words without punctuation, the first capitalised. "decoder" prompts the
+        decoder to repeat what was said (the ASR prompt of speech_sft); with the adapter's token
+        head, each next token is chosen by the decoder and the head's CTC together
+        (speech/ctc_prefix.py), ctc_weight (default speech.adapter.ctc_weight) being the head's
+        share, 0 leaving the choice to the decoder. A decoder transcript is cut at
+        max_new_tokens, by default at `transcript_budget` of the recording's length: a decoder
+        caught repeating itself stops about where the speech ended instead of running on.
+        "auto": characters when a stage trained the character head, else decoder."""
         recordings = audio if isinstance(audio, list) else [audio]
+        if self.transcription_method(method) == "characters":
+            out = self.read_characters(recordings)
+            return out if isinstance(audio, list) else out[0]
         prompt = ASR_PROMPT.format(language=language)
         conversations = [self.user_messages(prompt, [], audios=[a]) for a in recordings]
         cap = max_new_tokens or self.transcript_budget(self.config.speech.max_seconds)
@@ -584,6 +593,41 @@ class MultimodalModel(nn.Module):
             sampler = JointSampler(sorted(self.eos_token_ids()), weight, adapter.ctc_candidates)
         out = self._complete(batch, max(limits), sampler, limits)
         return out if isinstance(audio, list) else out[0]
+
+    def transcription_method(self, method: str | None = None) -> str:
+        """characters or decoder: `method` (default speech.transcriber.method), auto resolved."""
+        method = method or self.config.speech.transcriber.method
+        trained = self.encoders["audio"].has_ctc_head()
+        if method == "auto":
+            return "characters" if trained else "decoder"
+        if method not in ("characters", "decoder"):
+            raise InputError("method", f"'{method}' is not auto, characters or decoder")
+        if method == "characters" and not trained:
+            raise InputError("method", "characters needs the Conformer's character head, which no stage of this "
+                                       "model trained (speech_ctc, or speech_sft with ctc_weight)")
+        return method
+
+    @torch.no_grad()
+    def read_characters(self, recordings: list) -> list[str]:
+        """Transcripts from the character head and the decoder as language model (speech/lm_beam.py)."""
+        from speech.conformer import CHARACTERS
+        from speech.lm_beam import Lexicon, WordLM, prefix_search
+
+        t = self.config.speech.transcriber
+        if self._lexicon is None:
+            self._lexicon = Lexicon(self.tokenizer)
+        encoder = self.encoders["audio"]
+        features = AudioFeatures.pad([self.audio_processor.features(a) for a in recordings])
+        features = features.to(self.media_embedding.weight.device)
+        states, mask = encoder(features.features.to(self.media_embedding.weight.dtype), features.lengths)
+        log_probs = encoder.ctc_head(states).float().log_softmax(-1)
+        lm, out = WordLM(self.decoder, self.tokenizer), []
+        for row, n in zip(log_probs, mask.sum(1).tolist()):
+            found = prefix_search(row[:n], CHARACTERS, lm, t.lm_weight, t.word_bonus, t.beam,
+                                  lexicon=self._lexicon, unknown=t.unknown_word)
+            text = next(iter(found), "")
+            out.append(text[:1].upper() + text[1:])
+        return out
 
     @staticmethod
     def transcript_budget(seconds: float) -> int:

@@ -29,6 +29,7 @@ from mm.errors import ConfigError, InputError
 from speech import AudioFeatures, BestRQConfig
 from speech.audio import SAMPLE_RATE
 from speech.adapter import best_path
+from speech.conformer import CHARACTERS
 from vision import ImageProcessor, VisionConfig
 from vision.tiling import aspect_ratio_id
 from vision.transforms import TiledImages
@@ -133,7 +134,7 @@ class StageConfig:
     data: DataConfig
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: list[str] = field(default_factory=list)  # parameter-name prefixes that train
-    loss: str = "lm"  # lm | clip | bestrq
+    loss: str = "lm"  # lm | clip | bestrq | ctc
     init: str | None = None  # checkpoint of the previous stage to start from
     decoder: str | None = None  # swap in another decoder of the same architecture (base -> instruct)
     output: str = "runs/stage"
@@ -251,7 +252,7 @@ class LMObjective(nn.Module):
         self.model = model
         self._prefixes: dict[tuple[int, ...], list] = {}
         self.ctc_weight, self.token_ctc_weight = ctc_weight, token_ctc_weight
-        self.ctc = SpeechCTC(model.config.speech.width) if ctc_weight else None
+        self.ctc = SpeechCTC(model.encoders["audio"]) if ctc_weight else None
         if self.ctc is not None:  # reads the Conformer's output of the same forward pass
             model.encoders["audio"].register_forward_hook(self.ctc.keep)
         self._token_logits: tuple[Tensor, Tensor] | None = None
@@ -488,7 +489,7 @@ def ctc_batch(examples: list[dict]) -> dict:
 
 
 # ---- auxiliary CTC on the speech encoder ----------------------------------------------------------
-CTC_ALPHABET = " abcdefghijklmnopqrstuvwxyz0123456789'"  # index + 1; 0 is the blank
+CTC_ALPHABET = CHARACTERS  # index + 1; 0 is the blank
 
 
 def ctc_labels(text: str) -> list[int]:
@@ -497,13 +498,13 @@ def ctc_labels(text: str) -> list[int]:
     return [CTC_ALPHABET.index(c) + 1 for c in text]
 
 
-class SpeechCTC(nn.Module):
-    """A linear character head on the Conformer's 40 ms frames, trained with CTC beside the LM
-    loss: a direct signal for the encoder while the path through the frozen decoder is weak."""
+class SpeechCTC:
+    """CTC of the Conformer's character head (encoder.ctc_head) on the transcript, beside the LM
+    loss: a direct signal for the encoder while the path through the frozen decoder is weak.
+    `keep` takes the encoder's output of the same forward pass (a forward hook)."""
 
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.head = nn.Linear(width, len(CTC_ALPHABET) + 1)
+    def __init__(self, encoder: nn.Module) -> None:
+        self.head = encoder.ctc_head
         self._encoded: tuple[Tensor, Tensor] | None = None
 
     def keep(self, module, args, output) -> None:
@@ -524,11 +525,11 @@ def ctc_loss(logits: Tensor, mask: Tensor, targets: Tensor, target_lengths: Tens
 
 
 class CTCObjective(nn.Module):
-    """speech_ctc: the Conformer and a character head, CTC on the transcript; no decoder."""
+    """speech_ctc: the Conformer and its character head, CTC on the transcript; no decoder."""
 
     def __init__(self, encoder: nn.Module) -> None:
         super().__init__()
-        self.encoder, self.ctc = encoder, SpeechCTC(encoder.config.width)
+        self.encoder, self.ctc = encoder, SpeechCTC(encoder)
 
     def forward(self, features: Tensor, lengths: Tensor, ctc_targets: Tensor, ctc_lengths: Tensor, **_) -> tuple:
         self.ctc.keep(None, None, self.encoder(features, lengths))

@@ -23,12 +23,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import yaml
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from mm.api import CONFIG_FILE, FORMAT, WEIGHTS_FILE, build, checkpoint_chain, load_checkpoint, load_adapter_tensors
+from mm.api import CONFIG_FILE, FORMAT, WEIGHTS_FILE, build, load_checkpoint, load_adapter_tensors
 from mm.checkpoint import load_tensors, remove_stale_temporaries, write_dir_atomically
 from mm.data import ShardBatches, batch_loader, expand_shards, to_tensor_dict
 from mm.errors import CheckpointError
@@ -73,24 +72,20 @@ class Task:
         if cfg.init_video_from_image:
             self.model.init_video_from_image()
         self.trainable = select_trainable(self.model, cfg.train)
+        if not (cfg.loss == "ctc" or (cfg.loss == "lm" and cfg.ctc_weight)):
+            # the Conformer's character head trains only where a CTC loss reads it
+            for name in [n for n in self.trainable if n.startswith("encoders.audio.ctc_head.")]:
+                self.trainable.pop(name).requires_grad_(False)
         if cfg.loss in ("bestrq", "ctc"):
             if cfg.loss == "bestrq":
                 self.objective = BestRQ(self.model.encoders["audio"], cfg.bestrq)
-                self.aux, prefix = self.objective.heads, "bestrq.heads"
+                self.aux = self.objective.heads
+                self.trainable.update({f"bestrq.heads.{k}": v for k, v in self.aux.named_parameters()})
             else:
                 self.objective = CTCObjective(self.model.encoders["audio"])
-                self.aux, prefix = self.objective.ctc, "ctc"
-                if cfg.init:  # a speech_ctc run that goes on from another keeps its head
-                    carry_ctc_head(Path(cfg.init), self.aux)
-            self.trainable.update({f"{prefix}.{k}": v for k, v in self.aux.named_parameters()})
             self.decode, self.collate = SpeechExamples(self.model, cfg.loss == "ctc", cfg.data.spec_augment.transform()), collate_speech
             return
         self.objective = LMObjective(self.model, cfg.ctc_weight, cfg.token_ctc_weight)
-        if self.objective.ctc is not None:
-            self.aux = self.objective.ctc
-            if cfg.init:
-                carry_ctc_head(Path(cfg.init), self.aux)
-            self.trainable.update({f"ctc.{k}": v for k, v in self.aux.named_parameters()})
         pad = self.model.tokenizer.pad_token_id or 0
         augment = (cfg.data.spec_augment if cfg.data.media == "audio" else cfg.data.augment).transform()
         self.decode = LMExamples(self.model, cfg.data.kind, cfg.max_text_tokens, augment, cfg.data.media)
@@ -100,7 +95,7 @@ class Task:
         """What a checkpoint stores: only what this stage trains (as composite-model names)."""
         if self.model is None:
             return image_tower_tensors(self.clip)
-        return {k: v.detach() for k, v in self.trainable.items() if not k.startswith(("bestrq.", "ctc."))}
+        return {k: v.detach() for k, v in self.trainable.items() if not k.startswith("bestrq.")}
 
     def decoder_identity(self) -> dict | None:
         if self.model is None:
@@ -113,26 +108,6 @@ class Task:
             return []
         names = [f"model.{n}" for n, _ in self.model.decoder.named_parameters(prefix="decoder")]
         return names + [f"model.{n}" for n, _ in self.model.decoder.named_buffers(prefix="decoder")]
-
-
-def carry_ctc_head(init: Path, head: torch.nn.Module) -> bool:
-    """Start a character CTC head from the one that the init checkpoint, or the newest of the
-    checkpoints it was initialised from, trained (speech_ctc keeps it beside the optimizer state),
-    so that a fresh head does not pull on an encoder that already reads: True when one was there."""
-    expected = {k: v.shape for k, v in head.state_dict().items()}
-    for checkpoint, _ in reversed(checkpoint_chain(init)):
-        path = checkpoint / STATE_FILE
-        if not path.is_file():
-            continue
-        try:
-            with safe_open(str(path), framework="pt") as f:  # the head only, not the optimizer's moments
-                state = {k[len("aux."):]: f.get_tensor(k) for k in f.keys() if k.startswith("aux.head.")}
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(path, f"not a valid safetensors file ({e})") from None
-        if {k: v.shape for k, v in state.items()} == expected:
-            head.load_state_dict(state)
-            return True
-    return False
 
 
 def lr_factor(step: int, cfg) -> float:

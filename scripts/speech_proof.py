@@ -5,16 +5,19 @@ with the bundled SmolLM2-135M-Instruct frozen, then word error rate and spoken-d
     python scripts/speech_proof.py data    # the corpus (scripts/speech_corpus.py) -> data/speech/
     python scripts/speech_proof.py train   # the stages (configs/stages/espeak_speech_*.yaml)
     python scripts/speech_proof.py eval    # held-out figures -> docs/results/speech.json
-    python scripts/speech_proof.py dev [W ...]   # WER on the dev sentences per transcription CTC weight
+    python scripts/speech_proof.py dev [W ...]   # dev WER of the decoder transcription per CTC weight
+    python scripts/speech_proof.py dev-lm [A,B ...]   # dev WER of the character search per LM weight, word bonus
     python scripts/speech_proof.py all
 
 Held-out figures:
-  wer                  sentences never in training, spoken by the training voices (model.transcribe:
-                       the decoder and the token head's CTC together, speech.adapter.ctc_weight)
+  wer                  sentences never in training, spoken by the training voices (model.transcribe
+                       as configured: the character head searched with the decoder as language model)
   wer_heldout_voices   the same sentences, spoken by voices never used in training
+  *_decoder            the same, transcribed by the decoder prompted to repeat, with the token head's
+                       CTC (speech.adapter.ctc_weight)
   *_decoder_alone      the same, transcribed by the decoder alone (ctc_weight 0)
   *_ctc_head           the same, read by the Conformer's character CTC head alone (greedy, no
-                       decoder): what the encoder hears
+                       language model): what the encoder hears
   *_token_head         the same, read by the speech adapter's token head alone (greedy, no
                        decoder): the token runs the decoder is given, each as its likeliest token
   dialogue_agreement   held-out spoken questions whose reply equals, token for token, the bare
@@ -50,13 +53,15 @@ def audio_path(row: dict) -> str:
     return str(path if path.is_absolute() else DATA / path)
 
 
-def transcripts(model, items: list[dict], batch_size: int = 16, ctc_weight: float | None = None) -> list[dict]:
+def transcripts(model, items: list[dict], batch_size: int = 16, ctc_weight: float | None = None,
+                method: str | None = None) -> list[dict]:
     from mm.evaluate import word_errors
 
     out = []
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
-        said = model.transcribe([audio_path(r) for r in chunk], language="English", ctc_weight=ctc_weight)
+        said = model.transcribe([audio_path(r) for r in chunk], language="English", ctc_weight=ctc_weight,
+                                method=method)
         for r, hyp in zip(chunk, said):
             errors, words = word_errors(r["caption"], hyp)
             out.append({"audio": r["audio"], "voice": r.get("voice"), "reference": r["caption"], "hypothesis": hyp,
@@ -75,18 +80,16 @@ def replies(model, items: list[dict], max_new_tokens: int, batch_size: int = 16)
     return out
 
 
-def ctc_transcripts(model, model_dirs: list[Path], items: list[dict], batch_size: int = 16) -> list[dict] | None:
-    """Best-path transcripts of the Conformer's character CTC head alone (no decoder): what the
-    encoder hears. The head is the newest that one of `model_dirs` (or the checkpoints it was
-    initialised from) trained; None when none did."""
+def ctc_transcripts(model, items: list[dict], batch_size: int = 16) -> list[dict] | None:
+    """Best-path transcripts of the Conformer's character CTC head alone (no language model):
+    what the encoder hears. None when no stage trained the head."""
     from mm.evaluate import word_errors
     from mm.stages import CTCObjective
-    from mm.train import carry_ctc_head
     from speech import AudioFeatures
 
-    objective = CTCObjective(model.encoders["audio"]).eval()
-    if not any(carry_ctc_head(d, objective.ctc) for d in model_dirs):
+    if not model.encoders["audio"].has_ctc_head():
         return None
+    objective = CTCObjective(model.encoders["audio"]).eval()
     out = []
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
@@ -133,15 +136,19 @@ def evaluate(model_dir: Path) -> dict:
 
     corpus = json.loads((DATA / "corpus.json").read_text())
     model = mm.load(model_dir)
-    figures, start = {"ctc_weight": model.config.speech.adapter.ctc_weight}, time.time()
+    t = model.config.speech.transcriber
+    figures, start = {"method": model.transcription_method(), "ctc_weight": model.config.speech.adapter.ctc_weight,
+                      "lm_weight": t.lm_weight, "word_bonus": t.word_bonus, "beam": t.beam}, time.time()
     for name, key in (("asr_heldout", "wer"), ("asr_heldout_voices", "wer_heldout_voices")):
         results = transcripts(model, rows(name))
         (RUN / f"{name}_transcripts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
         figures[key] = wer(results)
         figures[f"{key}_utterances"] = len(results)
+        if figures["method"] == "characters":
+            figures[f"{key}_decoder"] = wer(transcripts(model, rows(name), method="decoder"))
         if model.config.speech.adapter.tokens:
-            figures[f"{key}_decoder_alone"] = wer(transcripts(model, rows(name), ctc_weight=0.0))
-        heard = ctc_transcripts(model, [model_dir], rows(name))
+            figures[f"{key}_decoder_alone"] = wer(transcripts(model, rows(name), ctc_weight=0.0, method="decoder"))
+        heard = ctc_transcripts(model, rows(name))
         if heard is not None:
             figures[f"{key}_ctc_head"] = wer(heard)
         heard = token_transcripts(model, rows(name))
@@ -163,7 +170,21 @@ def dev_sweep(model_dir: Path, weights: list[float]) -> dict:
     import mm
 
     model = mm.load(model_dir)
-    return {str(w): wer(transcripts(model, rows("asr_dev"), ctc_weight=w)) for w in weights}
+    return {str(w): wer(transcripts(model, rows("asr_dev"), ctc_weight=w, method="decoder")) for w in weights}
+
+
+def dev_lm_sweep(model_dir: Path, settings: list[tuple[float, float]]) -> dict:
+    """WER on the dev sentences of the character search per (LM weight, word bonus): where
+    speech.transcriber.lm_weight and word_bonus are chosen."""
+    import mm
+
+    model = mm.load(model_dir)
+    out = {}
+    for alpha, beta in settings:
+        model.config.speech.transcriber.lm_weight, model.config.speech.transcriber.word_bonus = alpha, beta
+        out[f"{alpha},{beta}"] = wer(transcripts(model, rows("asr_dev"), method="characters"))
+        print(f"lm_weight {alpha}, word_bonus {beta}: dev WER {out[f'{alpha},{beta}']}", flush=True)
+    return out
 
 
 def report() -> dict:
@@ -177,8 +198,8 @@ def report() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=["data", "train", "eval", "dev", "all"])
-    parser.add_argument("overrides", nargs="*", help="key=value for every stage (dev: the CTC weights)")
+    parser.add_argument("step", choices=["data", "train", "eval", "dev", "dev-lm", "all"])
+    parser.add_argument("overrides", nargs="*", help="key=value for every stage (dev: CTC weights; dev-lm: A,B pairs)")
     args = parser.parse_args()
     if args.step in ("data", "all"):
         subprocess.run([sys.executable, str(ROOT / "scripts" / "speech_corpus.py"), "--out", str(DATA),
@@ -193,6 +214,9 @@ def main() -> None:
     if args.step == "dev":
         weights = [float(w) for w in args.overrides] or [0.0, 0.3, 0.5, 0.7, 0.9]
         print(json.dumps({"dev_wer_by_ctc_weight": dev_sweep(FINAL, weights)}))
+    if args.step == "dev-lm":
+        pairs = [tuple(float(x) for x in a.split(",")) for a in args.overrides] or [(0.3, 1.0), (0.5, 2.0), (0.8, 3.0)]
+        print(json.dumps({"dev_wer_by_lm_weight_word_bonus": dev_lm_sweep(FINAL, pairs)}))
     if args.step in ("eval", "all"):
         print(json.dumps(report(), indent=2))
 

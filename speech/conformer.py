@@ -6,6 +6,11 @@
          (Macaron feed-forwards around attention and convolution, Gulati et al. 2020)
       -> [b, T / 4, width], with a mask of the frames that are not padding
 
+The encoder also carries a linear character head (`ctc_head`, CTC over CHARACTERS with blank 0),
+trained by speech_ctc and saved with the encoder: it spells what the encoder hears, and
+transcription can read it with the decoder as the language model (speech/lm_beam.py). It starts
+at zero, so a head that no stage trained is all zeros and known to be untrained.
+
 Padded frames of a batch never influence real ones: attention masks them as keys, and the
 convolution sees zeros there (its input is zeroed at padding before the depthwise conv). The
 convolution module normalises with LayerNorm rather than BatchNorm, so that a frame's output
@@ -18,6 +23,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+CHARACTERS = " abcdefghijklmnopqrstuvwxyz0123456789'"  # the character head's classes, index + 1; 0 is the blank
 
 
 @dataclass
@@ -37,6 +45,20 @@ class SpeechAdapterConfig:
 
 
 @dataclass
+class TranscriberConfig:
+    """How model.transcribe reads speech."""
+
+    method: str = "auto"  # characters: the Conformer's character head, searched with the frozen
+    # decoder as a word-level language model (speech/lm_beam.py); decoder: the decoder repeating
+    # what was said (with the token head's CTC when adapter.tokens); auto: characters when a stage
+    # trained the character head, else decoder
+    lm_weight: float = 0.5  # alpha: the language model's share of a prefix's score
+    word_bonus: float = 2.0  # beta: added per word, against the cost each word's LM score adds
+    beam: int = 16  # prefixes kept per 40 ms frame
+    unknown_word: float = 10.0  # charged to a partial word that no decoder word starts with
+
+
+@dataclass
 class SpeechConfig:
     n_mels: int = 80
     stack: int = 4  # input frames (10 ms) stacked into one encoder frame (40 ms)
@@ -51,6 +73,7 @@ class SpeechConfig:
     attach: str = "input"  # input: adapter outputs spliced into the decoder input between audio
     # tokens; cross_attention: gated cross-attention blocks at the image blocks' layers
     adapter: SpeechAdapterConfig = field(default_factory=SpeechAdapterConfig)
+    transcriber: TranscriberConfig = field(default_factory=TranscriberConfig)
 
     def validate(self) -> list[str]:
         problems = []
@@ -63,6 +86,11 @@ class SpeechConfig:
             problems.append("adapter.tokens shapes the decoder's input: it needs attach: input")
         if not 0 <= self.adapter.ctc_weight <= 1 or self.adapter.ctc_candidates < 1:
             problems.append("adapter.ctc_weight must be in [0, 1] and adapter.ctc_candidates at least 1")
+        t = self.transcriber
+        if t.method not in ("auto", "characters", "decoder"):
+            problems.append(f"transcriber.method '{t.method}' is not auto, characters or decoder")
+        if min(t.lm_weight, t.unknown_word) < 0 or t.beam < 1:
+            problems.append("transcriber.lm_weight and unknown_word must be at least 0 and beam at least 1")
         if self.conv_kernel % 2 == 0 or self.adapter.kernel % 2 == 0:
             problems.append("conv_kernel and adapter.kernel must be odd")
         if min(self.stack, self.adapter.stride, self.layers, self.n_mels) < 1 or self.max_seconds <= 0:
@@ -176,6 +204,13 @@ class ConformerEncoder(nn.Module):
         self.config = config
         self.input_proj = nn.Linear(config.stack * config.n_mels, config.width)
         self.layers = nn.ModuleList([ConformerLayer(config) for _ in range(config.layers)])
+        self.ctc_head = nn.Linear(config.width, len(CHARACTERS) + 1)
+        nn.init.zeros_(self.ctc_head.weight)
+        nn.init.zeros_(self.ctc_head.bias)
+
+    def has_ctc_head(self) -> bool:
+        """Whether a stage trained the character head (an untrained one is all zeros)."""
+        return bool(self.ctc_head.weight.detach().any())
 
     def stack(self, features: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         return stack_frames(features, lengths, self.config.stack)

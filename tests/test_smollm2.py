@@ -39,3 +39,43 @@ def test_closed_gates_ignore_the_image_content(smol):
     a = smol.generate("Describe the picture.", images=[make_image(300, 200, 0)], max_new_tokens=16)
     b = smol.generate("Describe the picture.", images=[make_image(120, 400, 1)], max_new_tokens=16)
     assert a == b and len(a) > 0
+
+
+def spelled(text: str, doubt: dict[int, tuple[str, float]] | None = None) -> torch.Tensor:
+    """Character log-probabilities [frames, 1 + 38] that spell `text`, one frame per character
+    and a blank frame after each; doubt {i: (other, p)} gives character i's frame another
+    reading with probability p."""
+    from speech.conformer import CHARACTERS
+
+    probs = []
+    for i, ch in enumerate(text):
+        frame = torch.full((len(CHARACTERS) + 1,), 1e-4)
+        frame[CHARACTERS.index(ch) + 1] = 1.0
+        if doubt and i in doubt:
+            other, p = doubt[i]
+            frame[CHARACTERS.index(ch) + 1], frame[CHARACTERS.index(other) + 1] = 1 - p, p
+        blank = torch.full_like(frame, 1e-4)
+        blank[0] = 1.0
+        probs += [frame / frame.sum(), blank / blank.sum()]
+    return torch.stack(probs).log()
+
+
+def test_the_decoder_as_language_model_corrects_a_misheard_spelling(smol):
+    """The character search with SmolLM2 as its word-level LM: 'emergencies' heard as
+    'emurgencies' (the head's likelier reading) comes out right; the decoder is only read."""
+    from speech.conformer import CHARACTERS
+    from speech.lm_beam import Lexicon, WordLM, prefix_search
+
+    before = smol.decoder_sha256()
+    lexicon = Lexicon(smol.tokenizer)
+    assert lexicon.could_be("emerg") and lexicon.could_be("don't") and lexicon.could_be("you'l")
+    assert not lexicon.could_be("nitwitideas") and not lexicon.could_be("emurg")
+    log_probs = spelled("ideas are for emergencies", doubt={16: ("u", 0.6)})
+    plain = prefix_search(log_probs, CHARACTERS, None, beam=8)
+    assert next(iter(plain)) == "ideas are for emurgencies"
+    lm = WordLM(smol.decoder, smol.tokenizer)
+    fused = prefix_search(log_probs, CHARACTERS, lm, 0.5, 2.0, beam=8, lexicon=lexicon)
+    assert next(iter(fused)) == "ideas are for emergencies"
+    lm.add([("for", "emergencies"), ("for", "emurgencies")])
+    assert lm.total(("for", "emergencies")) > lm.total(("for", "emurgencies"))
+    assert smol.decoder_sha256() == before

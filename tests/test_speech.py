@@ -397,14 +397,30 @@ def test_speech_ctc_stage_and_size_grouped_batches(speech_shards, tmp_path):
     with pytest.raises(mm.ConfigError, match="time_ratio"):
         stage_config(tmp_path, "speech_ctc", [speech_shards / "asr"], ["data.spec_augment.time_ratio=0"])
 
-    # speech_sft with a CTC loss starts from the head speech_ctc trained, not a fresh one
+    # the character head is the Conformer's own: speech_ctc saves it with the encoder, a later
+    # stage with a CTC loss goes on from it, one without leaves it alone
     from mm.checkpoint import load_tensors
 
+    trained = load_tensors(final / "adapters.safetensors")["encoders.audio.ctc_head.weight"]
+    assert trained.any() and mm.load(final).encoders["audio"].has_ctc_head()
+    assert not mm.load("tiny").encoders["audio"].has_ctc_head()
     sft = Task(stage_config(tmp_path, "speech_sft", [speech_shards / "asr"], [f"init={final}", "ctc_weight=0.3"]))
-    trained = load_tensors(final / "trainer.safetensors")
-    assert torch.equal(sft.aux.head.weight, trained["aux.head.weight"])
-    fresh = Task(stage_config(tmp_path, "speech_sft", [speech_shards / "asr"], ["init=null", "ctc_weight=0.3"]))
-    assert not torch.equal(fresh.aux.head.weight, trained["aux.head.weight"])
-    # and so does a speech_ctc run that goes on from one (here with masking)
+    assert torch.equal(sft.model.encoders["audio"].ctc_head.weight, trained)
+    assert "encoders.audio.ctc_head.weight" in sft.trainable
     more = Task(stage_config(tmp_path, "speech_ctc", [speech_shards / "asr"], [f"init={final}", *masked]))
-    assert torch.equal(more.aux.head.weight, trained["aux.head.weight"])
+    assert torch.equal(more.model.encoders["audio"].ctc_head.weight, trained)
+    plain = Task(stage_config(tmp_path, "speech_sft", [speech_shards / "asr"], [f"init={final}"]))
+    assert not any(k.startswith("encoders.audio.ctc_head.") for k in plain.trainable)
+    assert not plain.model.encoders["audio"].ctc_head.weight.requires_grad
+
+    # transcription reads a trained head with the decoder as language model ("auto"), or the
+    # decoder when asked; "characters" is refused where no stage trained the head
+    recording = str(speech_shards.parent / "0.flac")
+    model = mm.load(final)
+    assert model.transcription_method() == "characters" and isinstance(model.transcribe(recording), str)
+    assert model.transcribe([recording, recording]) == [model.transcribe(recording)] * 2
+    assert isinstance(model.transcribe(recording, method="decoder", max_new_tokens=4), str)
+    with pytest.raises(mm.InputError, match="no stage of this model trained"):
+        mm.load("tiny").transcribe(recording, method="characters")
+    with pytest.raises(mm.ConfigError, match="transcriber.method"):
+        mm.load("tiny", overrides=["speech.transcriber.method=words"])

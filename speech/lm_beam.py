@@ -1,0 +1,200 @@
+"""Character CTC prefix beam search with the frozen decoder as a word-level language model.
+
+The Conformer's character head (trained by speech_ctc) spells what it hears; alone it has no
+idea which spellings are words ("emurgencies", "nitwit i deas"). Shallow fusion (Hannun et al.,
+2014, "first-pass large vocabulary continuous speech recognition using bi-directional recurrent
+DNNs") searches the prefixes of the character labelling with
+
+    log p_ctc(prefix) + alpha * log p_lm(completed words) + beta * completed words
+
+where p_ctc is the total probability of the frame paths that read the prefix (kept per prefix as
+the probability of those ending in a blank and in a character), and the language model is the
+frozen decoder itself: each word is scored when the space after it (or the end of the recording)
+completes it, as log p(" word" tokens | the words before it), so a word's spelling only pays once
+it is whole. beta offsets the per-word cost that the language model adds.
+
+The decoder is only read: `WordLM` runs it under no_grad on token ids and never changes it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+NEG = float("-inf")
+
+
+def logaddexp(a: float, b: float) -> float:
+    if a == NEG:
+        return b
+    if b == NEG:
+        return a
+    m = max(a, b)
+    return m + math.log1p(math.exp(-abs(a - b)))
+
+
+class WordLM:
+    """log p(word | words before it) under a frozen causal LM (lowercase words, single spaces),
+    cached per word sequence. The text starts after `start` (the decoder's document separator)."""
+
+    def __init__(self, decoder, tokenizer, batch_size: int = 32) -> None:
+        self.decoder, self.tokenizer, self.batch_size = decoder, tokenizer, batch_size
+        self.start = [tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id]
+        self.totals: dict[tuple[str, ...], float] = {(): 0.0}  # log p(all the words) per sequence
+        self._pieces: dict[tuple[str, bool], list[int]] = {}
+
+    def pieces(self, word: str, first: bool) -> list[int]:
+        key = (word, first)
+        if key not in self._pieces:
+            self._pieces[key] = self.tokenizer(word if first else " " + word, add_special_tokens=False).input_ids
+        return self._pieces[key]
+
+    def ids(self, words: tuple[str, ...]) -> list[int]:
+        return self.start + [i for n, w in enumerate(words) for i in self.pieces(w, n == 0)]
+
+    def total(self, words: tuple[str, ...]) -> float:
+        return self.totals[words]
+
+    @torch.no_grad()
+    def add(self, sequences: list[tuple[str, ...]]) -> None:
+        """Score each new word sequence, and every shorter sequence it starts with, in one pass."""
+        todo = [s for s in dict.fromkeys(sequences) if s not in self.totals]
+        device = self.decoder.get_input_embeddings().weight.device
+        for i in range(0, len(todo), self.batch_size):
+            chunk = todo[i:i + self.batch_size]
+            rows = [self.ids(s) for s in chunk]
+            width = max(map(len, rows))
+            ids = torch.full((len(rows), width), self.start[0], dtype=torch.long)
+            mask = torch.zeros(len(rows), width, dtype=torch.long)
+            for r, row in enumerate(rows):
+                ids[r, :len(row)] = torch.tensor(row)
+                mask[r, :len(row)] = 1
+            logits = self.decoder(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            picked = logits.log_softmax(-1)[:, :-1].gather(2, ids[:, 1:, None].to(device)).squeeze(2).cpu()
+            for r, s in enumerate(chunk):
+                running, at = 0.0, len(self.start)
+                for n in range(1, len(s) + 1):
+                    k = len(self.pieces(s[n - 1], n == 1))
+                    running += picked[r, at - 1:at - 1 + k].sum().item()
+                    at += k
+                    self.totals.setdefault(s[:n], running)
+
+
+CONTRACTIONS = ("s", "t", "ll", "ve", "re", "d", "m")
+
+
+class Lexicon:
+    """Which partial words could still become a word: the decoder's own whole-word tokens
+    (a leading-space token of letters only), contractions of them (word + 's, 't, 'll, 've, 're,
+    'd, 'm) and numbers. Used only to charge, not to forbid: a word outside it still scores."""
+
+    def __init__(self, tokenizer) -> None:
+        words = {t[1:] for t in tokenizer.get_vocab() if t.startswith("Ġ") and t[1:].isalpha() and t[1:].islower()}
+        self.words = words
+        self.prefixes = {w[:i] for w in words for i in range(1, len(w) + 1)}
+        self.tails = {c[:i] for c in CONTRACTIONS for i in range(len(c) + 1)}
+
+    def could_be(self, partial: str) -> bool:
+        if not partial or partial in self.prefixes or partial.isdigit():
+            return True
+        head, apostrophe, tail = partial.partition("'")
+        return bool(apostrophe) and head in self.words and tail in self.tails
+
+
+@dataclass
+class Beam:
+    blank: float = NEG  # log p of the paths reading the prefix and ending in a blank
+    char: float = NEG  # ... ending in the prefix's last character
+
+    @property
+    def ctc(self) -> float:
+        return logaddexp(self.blank, self.char)
+
+
+def words_of(prefix: str, complete: bool) -> tuple[str, ...]:
+    """The words of a prefix that are whole: all of them when `complete` (the recording ended),
+    else those followed by a space."""
+    words = prefix.split(" ")
+    return tuple(w for w in (words if complete else words[:-1]) if w)
+
+
+def prefix_search(log_probs: Tensor, alphabet: str, lm: WordLM | None, alpha: float = 0.5, beta: float = 1.0,
+                  beam: int = 16, char_floor: float = -9.0, lexicon: Lexicon | None = None,
+                  unknown: float = 10.0) -> dict[str, float]:
+    """Search one recording's character log-probabilities [T, 1 + len(alphabet)] (blank = class
+    0, class i + 1 is alphabet[i], ' ' the word separator) -> the labellings left in the beam at
+    the end, words joined by single spaces, best first (by the fused score; by log p_ctc when lm
+    is None): {text: log p_ctc}. Characters below `char_floor` (log-probability) in a frame are
+    not tried there; `lexicon` charges `unknown` to a partial word that no word starts with."""
+    x = log_probs.float().cpu()
+    space = alphabet.index(" ") + 1
+    beams: dict[str, Beam] = {"": Beam(blank=0.0)}
+
+    def score(prefix: str, b: Beam, complete: bool = False) -> float:
+        if lm is None:
+            return b.ctc
+        words = words_of(prefix, complete)
+        total = b.ctc + alpha * lm.total(words) + beta * len(words)
+        if not complete and lexicon is not None and not lexicon.could_be(prefix.rpartition(" ")[2]):
+            total -= unknown
+        return total
+
+    for t in range(x.shape[0]):
+        row = x[t].tolist()
+        tried = [c for c in range(1, len(row)) if row[c] >= char_floor]
+        nxt: dict[str, Beam] = {}
+
+        def at(prefix: str) -> Beam:
+            if prefix not in nxt:
+                nxt[prefix] = Beam()
+            return nxt[prefix]
+
+        for prefix, b in beams.items():
+            total = b.ctc
+            here = at(prefix)
+            here.blank = logaddexp(here.blank, total + row[0])
+            last = prefix[-1] if prefix else ""
+            for c in tried:
+                ch, p = alphabet[c - 1], row[c]
+                if c == space and (not prefix or last == " "):
+                    # no leading or doubled separators: a space here reads as staying put
+                    here.char = logaddexp(here.char, total + p) if last == " " else here.char
+                    here.blank = logaddexp(here.blank, total + p) if not prefix else here.blank
+                    continue
+                if ch == last:
+                    here.char = logaddexp(here.char, b.char + p)  # the same character, held
+                    if b.blank > NEG:  # a doubled letter needs a blank between
+                        longer = at(prefix + ch)
+                        longer.char = logaddexp(longer.char, b.blank + p)
+                else:
+                    longer = at(prefix + ch)
+                    longer.char = logaddexp(longer.char, total + p)
+        if lm is not None:
+            # A prefix that just completed a word needs the LM; its score is at most the bound
+            # below (log p_lm <= 0), so only those whose bound could still make the beam ask.
+            fresh = {p: words_of(p, False) for p in nxt if p.endswith(" ") and words_of(p, False) not in lm.totals}
+            scored = sorted((score(p, b) for p, b in nxt.items() if p not in fresh), reverse=True)
+            floor = scored[beam - 1] if len(scored) >= beam else NEG
+            bound = {p: nxt[p].ctc + alpha * lm.totals.get(w[:-1], 0.0) + beta * len(w) for p, w in fresh.items()}
+            lm.add([w for p, w in fresh.items() if bound[p] > floor])
+            nxt = {p: b for p, b in nxt.items() if p not in fresh or bound[p] > floor}
+        beams = dict(sorted(nxt.items(), key=lambda kv: score(*kv), reverse=True)[:beam])
+    out: dict[str, float] = {}  # the labellings, spaces normalised: {text: log p_ctc}
+    for prefix, b in beams.items():
+        text = " ".join(prefix.split())
+        out[text] = logaddexp(out.get(text, NEG), b.ctc)
+    if lm is None:
+        return dict(sorted(out.items(), key=lambda kv: kv[1], reverse=True))
+    words = {t: tuple(t.split()) for t in out}
+    lm.add(list(words.values()))
+    final = {t: p + alpha * lm.total(words[t]) + beta * len(words[t]) for t, p in out.items()}
+    return {t: out[t] for t in sorted(out, key=final.get, reverse=True)}
+
+
+def rescore(hypotheses: dict[str, float], lm: WordLM, alpha: float, beta: float) -> str:
+    """The best of {text: log p_ctc} by log p_ctc + alpha * log p_lm(text) + beta * words."""
+    words = {t: tuple(t.split()) for t in hypotheses}
+    lm.add(list(words.values()))
+    return max(hypotheses, key=lambda t: hypotheses[t] + alpha * lm.total(words[t]) + beta * len(words[t]))
