@@ -11,7 +11,10 @@ where p_ctc is the total probability of the frame paths that read the prefix (ke
 the probability of those ending in a blank and in a character), and the language model is the
 frozen decoder itself: each word is scored when the space after it (or the end of the recording)
 completes it, as log p(" word" tokens | the words before it), so a word's spelling only pays once
-it is whole. beta offsets the per-word cost that the language model adds.
+it is whole. beta offsets the per-word cost that the language model adds. Since an unfinished
+word pays nothing yet, a search left at that would run words together ("nitwitideasare..."):
+a partial word that none of the decoder's whole-word tokens starts with (`Lexicon`) is charged
+a fixed `unknown` until it ends, when the language model's own score takes over.
 
 The decoder is only read: `WordLM` runs it under no_grad on token ids and never changes it.
 """
