@@ -566,7 +566,7 @@ class MultimodalModel(nn.Module):
 
         method (default speech.transcriber.method): "characters" reads the Conformer's character
         head, searched with the frozen decoder as a word-level language model (speech/lm_beam.py):
-        lower-case words without punctuation, the first capitalised. "decoder" prompts the
+        lower-case words without punctuation ("I" and the first letter capitalised). "decoder" prompts the
         decoder to repeat what was said (the ASR prompt of speech_sft); with the adapter's token
         head, each next token is chosen by the decoder and the head's CTC together
         (speech/ctc_prefix.py), ctc_weight (default speech.adapter.ctc_weight) being the head's
@@ -625,7 +625,8 @@ class MultimodalModel(nn.Module):
         for row, n in zip(log_probs, mask.sum(1).tolist()):
             found = prefix_search(row[:n], CHARACTERS, lm, t.lm_weight, t.word_bonus, t.beam,
                                   lexicon=self._lexicon, unknown=t.unknown_word)
-            text = next(iter(found), "")
+            words = [w.capitalize() if w == "i" or w.startswith("i'") else w for w in next(iter(found), "").split()]
+            text = " ".join(words)
             out.append(text[:1].upper() + text[1:])
         return out
 
