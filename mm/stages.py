@@ -489,13 +489,10 @@ def ctc_batch(examples: list[dict]) -> dict:
 
 
 # ---- auxiliary CTC on the speech encoder ----------------------------------------------------------
-CTC_ALPHABET = CHARACTERS  # index + 1; 0 is the blank
-
-
 def ctc_labels(text: str) -> list[int]:
     """Lower-cased characters of the alphabet (others dropped, runs of spaces merged) -> ids."""
-    text = " ".join("".join(c for c in text.lower() if c in CTC_ALPHABET).split())
-    return [CTC_ALPHABET.index(c) + 1 for c in text]
+    text = " ".join("".join(c for c in text.lower() if c in CHARACTERS).split())
+    return [CHARACTERS.index(c) + 1 for c in text]
 
 
 class SpeechCTC:
@@ -540,4 +537,4 @@ class CTCObjective(nn.Module):
     def greedy(self, features: Tensor, lengths: Tensor) -> list[str]:
         """Best-path decoding of the character head (for a quick look at what the encoder hears)."""
         states, mask = self.encoder(features, lengths)
-        return ["".join(CTC_ALPHABET[i - 1] for i in ids) for ids in best_path(self.ctc.head(states), mask)]
+        return ["".join(CHARACTERS[i - 1] for i in ids) for ids in best_path(self.ctc.head(states), mask)]

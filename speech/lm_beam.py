@@ -177,27 +177,33 @@ def prefix_search(log_probs: Tensor, alphabet: str, lm: WordLM | None, alpha: fl
         if lm is not None:
             # A prefix that just completed a word needs the LM; its score is at most the bound
             # below (log p_lm <= 0), so only those whose bound could still make the beam ask.
-            fresh = {p: words_of(p, False) for p in nxt if p.endswith(" ") and words_of(p, False) not in lm.totals}
-            scored = sorted((score(p, b) for p, b in nxt.items() if p not in fresh), reverse=True)
-            floor = scored[beam - 1] if len(scored) >= beam else NEG
-            bound = {p: nxt[p].ctc + alpha * lm.totals.get(w[:-1], 0.0) + beta * len(w) for p, w in fresh.items()}
-            lm.add([w for p, w in fresh.items() if bound[p] > floor])
-            nxt = {p: b for p, b in nxt.items() if p not in fresh or bound[p] > floor}
-        beams = dict(sorted(nxt.items(), key=lambda kv: score(*kv), reverse=True)[:beam])
+            fresh = {p: w for p in nxt if p.endswith(" ") and (w := words_of(p, False)) not in lm.totals}
+            scores = {p: score(p, b) for p, b in nxt.items() if p not in fresh}
+            floor = sorted(scores.values(), reverse=True)[beam - 1] if len(scores) >= beam else NEG
+            ask = {p: w for p, w in fresh.items()
+                   if nxt[p].ctc + alpha * lm.totals.get(w[:-1], 0.0) + beta * len(w) > floor}
+            lm.add(list(ask.values()))
+            scores.update({p: score(p, nxt[p]) for p in ask})
+        else:
+            scores = {p: b.ctc for p, b in nxt.items()}
+        beams = {p: nxt[p] for p in sorted(scores, key=scores.get, reverse=True)[:beam]}
     out: dict[str, float] = {}  # the labellings, spaces normalised: {text: log p_ctc}
     for prefix, b in beams.items():
         text = " ".join(prefix.split())
         out[text] = logaddexp(out.get(text, NEG), b.ctc)
     if lm is None:
         return dict(sorted(out.items(), key=lambda kv: kv[1], reverse=True))
-    words = {t: tuple(t.split()) for t in out}
+    return rank(out, lm, alpha, beta)
+
+
+def rank(hypotheses: dict[str, float], lm: WordLM, alpha: float, beta: float) -> dict[str, float]:
+    """{text: log p_ctc} ordered best first by log p_ctc + alpha * log p_lm(text) + beta * words."""
+    words = {t: tuple(t.split()) for t in hypotheses}
     lm.add(list(words.values()))
-    final = {t: p + alpha * lm.total(words[t]) + beta * len(words[t]) for t, p in out.items()}
-    return {t: out[t] for t in sorted(out, key=final.get, reverse=True)}
+    fused = {t: p + alpha * lm.total(words[t]) + beta * len(words[t]) for t, p in hypotheses.items()}
+    return {t: hypotheses[t] for t in sorted(hypotheses, key=fused.get, reverse=True)}
 
 
 def rescore(hypotheses: dict[str, float], lm: WordLM, alpha: float, beta: float) -> str:
-    """The best of {text: log p_ctc} by log p_ctc + alpha * log p_lm(text) + beta * words."""
-    words = {t: tuple(t.split()) for t in hypotheses}
-    lm.add(list(words.values()))
-    return max(hypotheses, key=lambda t: hypotheses[t] + alpha * lm.total(words[t]) + beta * len(words[t]))
+    """The best of {text: log p_ctc} by the fused score (`rank`)."""
+    return next(iter(rank(hypotheses, lm, alpha, beta)))
