@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from transformers import DynamicCache
 
 NEG = float("-inf")
 
@@ -40,13 +41,21 @@ def logaddexp(a: float, b: float) -> float:
 
 class WordLM:
     """log p(word | words before it) under a frozen causal LM (lowercase words, single spaces),
-    cached per word sequence. The text starts after `start` (the decoder's document separator)."""
+    cached per word sequence. The text starts after `start` (the decoder's document separator).
+
+    Keys and values are kept per scored sequence, for the tokens of its last word only (a chain:
+    a sequence's keys are its parent's followed by its own), with the decoder's last hidden state
+    there; a new sequence runs only the tokens after its longest scored prefix. The search asks
+    for one more word after a beam entry at a time, so a call runs a token or two per row instead
+    of re-reading the whole sentence."""
 
     def __init__(self, decoder, tokenizer, batch_size: int = 32) -> None:
         self.decoder, self.tokenizer, self.batch_size = decoder, tokenizer, batch_size
         self.start = [tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id]
         self.totals: dict[tuple[str, ...], float] = {(): 0.0}  # log p(all the words) per sequence
         self._pieces: dict[tuple[str, bool], list[int]] = {}
+        self._keys: dict[tuple[str, ...], Tensor] = {}  # [layers, 2 (keys, values), heads, tokens, head dim]
+        self._hidden: dict[tuple[str, ...], Tensor] = {}  # the last token's final hidden state [width]
 
     def pieces(self, word: str, first: bool) -> list[int]:
         key = (word, first)
@@ -62,27 +71,71 @@ class WordLM:
 
     @torch.no_grad()
     def add(self, sequences: list[tuple[str, ...]]) -> None:
-        """Score each new word sequence, and every shorter sequence it starts with, in one pass."""
-        todo = [s for s in dict.fromkeys(sequences) if s not in self.totals]
-        device = self.decoder.get_input_embeddings().weight.device
+        """Score each new word sequence, and every shorter sequence it starts with."""
+        todo = sorted((s for s in dict.fromkeys(sequences) if s not in self.totals), key=len)
+        if () not in self._keys:
+            self._run([((), [((), self.start)])])
         for i in range(0, len(todo), self.batch_size):
-            chunk = todo[i:i + self.batch_size]
-            rows = [self.ids(s) for s in chunk]
-            width = max(map(len, rows))
-            ids = torch.full((len(rows), width), self.start[0], dtype=torch.long)
-            mask = torch.zeros(len(rows), width, dtype=torch.long)
-            for r, row in enumerate(rows):
-                ids[r, :len(row)] = torch.tensor(row)
-                mask[r, :len(row)] = 1
-            logits = self.decoder(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-            picked = logits.log_softmax(-1)[:, :-1].gather(2, ids[:, 1:, None].to(device)).squeeze(2).cpu()
-            for r, s in enumerate(chunk):
-                running, at = 0.0, len(self.start)
-                for n in range(1, len(s) + 1):
-                    k = len(self.pieces(s[n - 1], n == 1))
-                    running += picked[r, at - 1:at - 1 + k].sum().item()
-                    at += k
-                    self.totals.setdefault(s[:n], running)
+            rows = []
+            for s in todo[i:i + self.batch_size]:
+                cut = next(n for n in range(len(s), -1, -1) if s[:n] in self._keys)
+                rows.append((s[:cut], [(s[:n], self.pieces(s[n - 1], n == 1)) for n in range(cut + 1, len(s) + 1)]))
+            self._run(rows)
+
+    def _run(self, rows: list[tuple[tuple[str, ...], list[tuple[tuple[str, ...], list[int]]]]]) -> None:
+        """rows: (a scored prefix, [(each longer sequence, the tokens it adds)]) -> their totals,
+        keys and hidden states, in one decoder call over the new tokens only."""
+        device = self.decoder.get_input_embeddings().weight.device
+        pasts = [torch.cat([self._keys[p[:n]] for n in range(len(p) + 1)], dim=3) if p in self._keys else None
+                 for p, _ in rows]
+        news = [[i for _, piece in grown for i in piece] for _, grown in rows]
+        held = max((0 if past is None else past.shape[3]) for past in pasts)
+        width = max(map(len, news))
+        ids = torch.full((len(rows), width), self.start[0], dtype=torch.long)
+        mask = torch.zeros(len(rows), held + width, dtype=torch.long)
+        positions = torch.zeros(len(rows), width, dtype=torch.long)
+        cache = None
+        if held:
+            layers, _, heads, _, dim = pasts[0].shape
+            kv = torch.zeros(layers, 2, len(rows), heads, held, dim, dtype=pasts[0].dtype)
+        for r, (past, new) in enumerate(zip(pasts, news)):
+            length = 0 if past is None else past.shape[3]
+            if length:
+                kv[:, :, r, :, held - length:] = past  # left-padded: the new tokens follow on directly
+            mask[r, held - length:held + len(new)] = 1
+            ids[r, :len(new)] = torch.tensor(new)
+            positions[r] = torch.arange(length, length + width)
+        if held:
+            cache = DynamicCache([(kv[layer, 0].to(device), kv[layer, 1].to(device)) for layer in range(kv.shape[0])],
+                                 config=self.decoder.config)
+        out = self.decoder.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 position_ids=positions.to(device), past_key_values=cache, use_cache=True)
+        hidden = out.last_hidden_state
+        fresh = torch.stack([torch.stack([layer.keys[:, :, held:], layer.values[:, :, held:]])
+                             for layer in out.past_key_values.layers]).cpu()  # [layers, 2, rows, heads, width, dim]
+        # the states that predict each row's new tokens: its prefix's last one (none for the
+        # start token, which is predicted by nothing), then its own but the last; one head call
+        states, targets, rooted = [], [], [prefix in self._hidden for prefix, _ in rows]
+        for r, ((prefix, _), new) in enumerate(zip(rows, news)):
+            if rooted[r]:
+                states.append(self._hidden[prefix][None].to(device=device, dtype=hidden.dtype))
+            states.append(hidden[r, :len(new) - 1])
+            targets.extend(new if rooted[r] else new[1:])
+        scores = []
+        if targets:
+            log_probs = self.decoder.lm_head(torch.cat(states)).float().log_softmax(-1)
+            scores = log_probs.gather(1, torch.tensor(targets, device=device)[:, None]).squeeze(1).cpu().tolist()
+        at_score = 0
+        for r, ((prefix, grown), new) in enumerate(zip(rows, news)):
+            running, at = self.totals.get(prefix, 0.0), 0
+            for words, piece in grown:
+                k = len(piece) - (not rooted[r] and at == 0)  # tokens scored
+                running += sum(scores[at_score:at_score + k])
+                at_score += k
+                self.totals.setdefault(words, running)
+                self._keys[words] = fresh[:, :, r, :, at:at + len(piece)].clone()
+                self._hidden[words] = hidden[r, at + len(piece) - 1].cpu()
+                at += len(piece)
 
 
 CONTRACTIONS = ("s", "t", "ll", "ve", "re", "d", "m")

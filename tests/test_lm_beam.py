@@ -37,18 +37,34 @@ def test_prefix_search_sums_every_frame_path_of_a_labelling():
     assert list(narrow.values()) == sorted(narrow.values(), reverse=True)
 
 
+def sentence_log_prob(decoder, lm: WordLM, words: tuple[str, ...]) -> float:
+    """log p(words) from one plain decoder call over the whole text."""
+    ids = lm.ids(words)
+    with torch.no_grad():
+        log_probs = decoder(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    return sum(float(log_probs[i, ids[i + 1]]) for i in range(len(ids) - 1))
+
+
 def test_word_scores_add_up_to_the_decoders_sentence_probability():
     decoder, tokenizer = load_decoder("tiny")
     lm = WordLM(decoder, tokenizer, batch_size=2)
     words = ("ab", "ba", "a")
     lm.add([words, ("b",), ("ab", "b")])
-    ids = lm.ids(words)
-    with torch.no_grad():
-        log_probs = decoder(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
-    sentence = sum(float(log_probs[i, ids[i + 1]]) for i in range(len(ids) - 1))
-    assert math.isclose(lm.total(words), sentence, rel_tol=1e-5)
+    assert math.isclose(lm.total(words), sentence_log_prob(decoder, lm, words), rel_tol=1e-5)
     assert lm.total(("ab",)) > lm.total(words)  # every shorter sequence was scored on the way
     assert lm.total(()) == 0.0 and lm.total(("ab", "b")) < 0
+
+
+def test_cached_keys_give_the_same_scores_as_reading_the_whole_text():
+    decoder, tokenizer = load_decoder("tiny")
+    lm = WordLM(decoder, tokenizer, batch_size=3)
+    # grown a word at a time, as the search does, then rows of different past and new lengths together
+    for n in range(1, 5):
+        lm.add([("ab", "ba", "a", "bb")[:n]])
+    mixed = [("ab", "ba", "a", "bb", "a"), ("b",), ("ab", "bab", "b"), ("ab", "ba", "a", "ab", "ba", "bb"), ("ba", "a")]
+    lm.add(mixed)
+    for words in mixed + [("ab", "ba")]:
+        assert math.isclose(lm.total(words), sentence_log_prob(decoder, lm, words), rel_tol=1e-5, abs_tol=1e-5), words
 
 
 def test_fused_search_picks_what_exhaustive_rescoring_picks():
