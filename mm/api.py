@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from mm.checkpoint import load_tensors, write_dir_atomically
-from mm.config import CONFIG_DIR, ModelConfig, from_dict, list_configs, load_model_config, to_dict
+from mm.config import CONFIG_DIR, ModelConfig, apply_overrides, from_dict, list_configs, load_model_config, to_dict
 from mm.decoders import load_decoder
 from mm.errors import CheckpointError, ConfigError, InputError
 from mm.model import MultimodalModel
@@ -38,7 +38,7 @@ def load(source: str | Path = "smollm2", *, overrides: list[str] = (), force: bo
     if name in list_configs("models"):
         model = build(load_model_config(CONFIG_DIR / "models" / f"{name}.yaml", overrides))
     elif path.is_dir() and (path / CONFIG_FILE).is_file():
-        model = load_checkpoint(path, force=force)
+        model = load_checkpoint(path, force=force, overrides=overrides)
     elif path.is_file() and path.suffix in (".yaml", ".yml"):
         model = build(load_model_config(path, overrides))
     elif path.is_dir() and (path / "config.json").is_file():
@@ -100,17 +100,21 @@ def checkpoint_chain(path: Path) -> list[tuple[Path, dict]]:
     return chain[::-1]
 
 
-def load_checkpoint(path: str | Path, *, force: bool = False, config: ModelConfig | None = None) -> MultimodalModel:
+def load_checkpoint(path: str | Path, *, force: bool = False, config: ModelConfig | None = None,
+                    overrides: list[str] = ()) -> MultimodalModel:
     """Build the newest checkpoint's model and apply the tensors of every checkpoint of its
-    chain, oldest first. A training stage passes its own `config` instead: a higher resolution
-    (positional embeddings are resampled) or another decoder of the same architecture (the
-    base -> instruct hot-swap); `force` then allows the decoder to differ from the recorded one."""
+    chain, oldest first. `overrides` (key=value) change its recorded config, such as how it
+    decodes (speech.transcriber.beam=8); one that changes a tensor's shape fails on loading. A
+    training stage passes its own `config` instead: a higher resolution (positional embeddings
+    are resampled) or another decoder of the same architecture (the base -> instruct hot-swap);
+    `force` then allows the decoder to differ from the recorded one."""
     path = Path(path)
     chain = checkpoint_chain(path)
     newest = chain[-1][1]
     if config is None:
-        config = from_dict(ModelConfig, newest.get("model") or {}, str(path / CONFIG_FILE))
-        config.validate(str(path / CONFIG_FILE))
+        source = str(path / CONFIG_FILE)
+        config = from_dict(ModelConfig, apply_overrides(newest.get("model") or {}, list(overrides), source), source)
+        config.validate(source)
     tensors = [(p, load_tensors(p / WEIGHTS_FILE)) for p, _ in chain]  # all read before building
     model = build(config)
     expected = (newest.get("decoder") or {}).get("sha256")

@@ -62,7 +62,10 @@ def cmd_talk(args: argparse.Namespace) -> int:
     model = mm.load(args.model, force=args.force)
     transcript = model.transcribe(args.audio, language=args.language)
     print(f"you said: {transcript}", flush=True)
-    reply = model.generate("", audio=args.audio, max_new_tokens=args.max_new_tokens)
+    if transcript and model.dialogue_method() == "transcript":  # the reply to it as typed (speech.dialogue)
+        reply = model.generate(transcript, max_new_tokens=args.max_new_tokens)
+    else:
+        reply = model.generate("", audio=args.audio, max_new_tokens=args.max_new_tokens)
     print(f"reply: {reply}")
     if args.speak:
         speak(reply, args.speak, voice=args.voice)

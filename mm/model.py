@@ -542,7 +542,8 @@ class MultimodalModel(nn.Module):
         """Answer one prompt (images: a list; video: a path, bytes or uint8 tensor [T, 3, H, W];
         audio: a path, bytes or (samples, sample_rate)) or a batch (prompt: a list; images: a list
         per prompt; video and audio: one per prompt, None for none). With audio and an empty
-        prompt, the reply is to what was said (spoken dialogue)."""
+        prompt, the reply is to what was said (spoken dialogue; speech.dialogue says whether to the
+        speech's embeddings or to its transcript, `heard`)."""
         if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, (str, list, tuple)):
             raise InputError("prompt", f"must be text (str) or a list of texts, got {type(prompt).__name__}")
         if isinstance(prompt, str):
@@ -551,6 +552,8 @@ class MultimodalModel(nn.Module):
         per_row = images if images is not None else [[] for _ in prompt]
         videos = video if video is not None else [None for _ in prompt]
         audios = audio if audio is not None else [None for _ in prompt]
+        if len(audios) == len(prompt):
+            prompt, audios = self.heard(prompt, audios)
         if not len(per_row) == len(videos) == len(audios) == len(prompt):
             raise InputError("images", f"{len(per_row)} image lists, {len(videos)} videos and {len(audios)} "
                                        f"recordings for {len(prompt)} prompts")
@@ -565,8 +568,8 @@ class MultimodalModel(nn.Module):
         """What was said: one recording -> str, a list -> a list.
 
         method (default speech.transcriber.method): "characters" reads the Conformer's character
-        head, searched with the frozen decoder as a word-level language model (speech/lm_beam.py):
-        lower-case words without punctuation ("I" and the first letter capitalised). "decoder" prompts the
+        head, searched with the frozen decoder as a word-level language model (speech/lm_beam.py),
+        then cased and punctuated by the decoder (speech/punctuation.py). "decoder" prompts the
         decoder to repeat what was said (the ASR prompt of speech_sft); with the adapter's token
         head, each next token is chosen by the decoder and the head's CTC together
         (speech/ctc_prefix.py), ctc_weight (default speech.adapter.ctc_weight) being the head's
@@ -609,9 +612,11 @@ class MultimodalModel(nn.Module):
 
     @torch.no_grad()
     def read_characters(self, recordings: list) -> list[str]:
-        """Transcripts from the character head and the decoder as language model (speech/lm_beam.py)."""
+        """Transcripts from the character head and the decoder as language model (speech/lm_beam.py),
+        cased and punctuated by the decoder (speech/punctuation.py) when transcriber.punctuate."""
         from speech.conformer import CHARACTERS
         from speech.lm_beam import Lexicon, WordLM, prefix_search
+        from speech.punctuation import punctuate
 
         t = self.config.speech.transcriber
         if self._lexicon is None:
@@ -621,14 +626,38 @@ class MultimodalModel(nn.Module):
         features = features.to(self.media_embedding.weight.device)
         states, mask = encoder(features.features.to(self.media_embedding.weight.dtype), features.lengths)
         log_probs = encoder.ctc_head(states).float().log_softmax(-1)
-        lm, out = WordLM(self.decoder, self.tokenizer), []
+        out = []
         for row, n in zip(log_probs, mask.sum(1).tolist()):
+            lm = WordLM(self.decoder, self.tokenizer)  # one per recording: its key/value cache goes with it
             found = prefix_search(row[:n], CHARACTERS, lm, t.lm_weight, t.word_bonus, t.beam,
                                   lexicon=self._lexicon, unknown=t.unknown_word)
-            words = [w.capitalize() if w == "i" or w.startswith("i'") else w for w in next(iter(found), "").split()]
-            text = " ".join(words)
+            words = next(iter(found), "").split()
+            if t.punctuate:
+                out.append(punctuate(words, lm, t.punctuation_beam))
+                continue
+            text = " ".join(w.capitalize() if w == "i" or w.startswith("i'") else w for w in words)
             out.append(text[:1].upper() + text[1:])
         return out
+
+    def dialogue_method(self) -> str:
+        """embeddings or transcript: how generate("", audio=...) replies (speech.dialogue, auto resolved)."""
+        method = self.config.speech.dialogue
+        if method == "auto":
+            return "transcript" if self.transcription_method() == "characters" else "embeddings"
+        return method
+
+    def heard(self, prompts: list[str], audios: list) -> tuple[list[str], list]:
+        """Spoken dialogue through transcripts: each row with a recording and an empty prompt becomes
+        the transcript as typed text, without the recording, when dialogue_method() is transcript.
+        A recording in which nothing was made out stays, for the reply to the speech itself."""
+        rows = [r for r, (p, a) in enumerate(zip(prompts, audios)) if a is not None and p == ""]
+        if not rows or self.dialogue_method() != "transcript":
+            return list(prompts), list(audios)
+        prompts, audios = list(prompts), list(audios)
+        for r, text in zip(rows, self.transcribe([audios[r] for r in rows])):
+            if text:
+                prompts[r], audios[r] = text, None
+        return prompts, audios
 
     @staticmethod
     def transcript_budget(seconds: float) -> int:
@@ -647,6 +676,8 @@ class MultimodalModel(nn.Module):
                system: str | None = None) -> Iterator[str]:
         """Yield the reply piece by piece as it is generated."""
         videos = [video] if video is not None else []
+        if audio is not None:
+            (prompt,), (audio,) = self.heard([prompt], [audio])
         audios = [audio] if audio is not None else []
         batch = self.prepare([self.user_messages(prompt, list(images or []), system, videos, audios)], max_new_tokens)
         stop = self.eos_token_ids()

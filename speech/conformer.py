@@ -56,6 +56,9 @@ class TranscriberConfig:
     word_bonus: float = 2.0  # beta: added per word, against the cost each word's LM score adds
     beam: int = 16  # prefixes kept per 40 ms frame
     unknown_word: float = 10.0  # charged to a partial word that no decoder word starts with
+    punctuate: bool = True  # characters: casing and punctuation chosen by the decoder
+    # (speech/punctuation.py); false: lower case, the first letter and "I" capitalised
+    punctuation_beam: int = 4
 
 
 @dataclass
@@ -74,6 +77,10 @@ class SpeechConfig:
     # tokens; cross_attention: gated cross-attention blocks at the image blocks' layers
     adapter: SpeechAdapterConfig = field(default_factory=SpeechAdapterConfig)
     transcriber: TranscriberConfig = field(default_factory=TranscriberConfig)
+    dialogue: str = "auto"  # how generate("", audio=...) replies to what was said: embeddings: to
+    # the adapter's outputs in the decoder (what speech_sft's dialogue shards train); transcript: to
+    # model.transcribe's text, as if it had been typed; auto: transcript when transcripts are read
+    # by the character head (transcriber.method resolves to characters), else embeddings
 
     def validate(self) -> list[str]:
         problems = []
@@ -89,8 +96,11 @@ class SpeechConfig:
         t = self.transcriber
         if t.method not in ("auto", "characters", "decoder"):
             problems.append(f"transcriber.method '{t.method}' is not auto, characters or decoder")
-        if min(t.lm_weight, t.unknown_word) < 0 or t.beam < 1:
-            problems.append("transcriber.lm_weight and unknown_word must be at least 0 and beam at least 1")
+        if min(t.lm_weight, t.unknown_word) < 0 or min(t.beam, t.punctuation_beam) < 1:
+            problems.append("transcriber.lm_weight and unknown_word must be at least 0, beam and punctuation_beam "
+                            "at least 1")
+        if self.dialogue not in ("auto", "embeddings", "transcript"):
+            problems.append(f"dialogue '{self.dialogue}' is not auto, embeddings or transcript")
         if self.conv_kernel % 2 == 0 or self.adapter.kernel % 2 == 0:
             problems.append("conv_kernel and adapter.kernel must be odd")
         if min(self.stack, self.adapter.stride, self.layers, self.n_mels) < 1 or self.max_seconds <= 0:

@@ -79,3 +79,16 @@ def test_the_decoder_as_language_model_corrects_a_misheard_spelling(smol):
     lm.add([("for", "emergencies"), ("for", "emurgencies")])
     assert lm.total(("for", "emergencies")) > lm.total(("for", "emurgencies"))
     assert smol.decoder_sha256() == before
+
+
+def test_the_decoder_cases_and_punctuates_what_was_read(smol):
+    """A character transcript is written out by SmolLM2: question mark, capitals, the word I."""
+    from speech.lm_beam import WordLM
+    from speech.punctuation import punctuate
+
+    before = smol.decoder_sha256()
+    lm = WordLM(smol.decoder, smol.tokenizer)
+    assert punctuate("where can i sign up", lm) == "Where can I sign up?"
+    assert punctuate("what am i going to do with this", lm) == "What am I going to do with this?"
+    assert punctuate("the cat sat on the mat", lm) == "The cat sat on the mat."
+    assert smol.decoder_sha256() == before

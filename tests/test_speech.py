@@ -424,3 +424,20 @@ def test_speech_ctc_stage_and_size_grouped_batches(speech_shards, tmp_path):
         mm.load("tiny").transcribe(recording, method="characters")
     with pytest.raises(mm.ConfigError, match="transcriber.method"):
         mm.load("tiny", overrides=["speech.transcriber.method=words"])
+
+    # spoken dialogue goes through the transcript where transcripts come from the character head
+    # (speech.dialogue auto): the reply to the recording is the reply to its text, typed
+    assert model.dialogue_method() == "transcript"
+    assert mm.load("tiny").dialogue_method() == "embeddings"
+    embedded = mm.load(final, overrides=["speech.dialogue=embeddings"])
+    assert embedded.dialogue_method() == "embeddings"
+    by_speech = embedded.generate("", audio=recording, max_new_tokens=4)
+    said = {"text": "Where can I sign up?"}
+    model.transcribe = lambda audio, *a, **k: [said["text"]] * len(audio) if isinstance(audio, list) else said["text"]
+    assert model.generate("", audio=recording, max_new_tokens=4) == model.generate(said["text"], max_new_tokens=4)
+    assert model.generate(["", "Say it."], audio=[recording, recording], max_new_tokens=4) == [
+        model.generate(said["text"], max_new_tokens=4), embedded.generate("Say it.", audio=recording, max_new_tokens=4)]
+    said["text"] = ""  # nothing made out: the reply is to the speech itself
+    assert model.generate("", audio=recording, max_new_tokens=4) == by_speech
+    with pytest.raises(mm.ConfigError, match="dialogue 'typed'"):
+        mm.load("tiny", overrides=["speech.dialogue=typed"])
