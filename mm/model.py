@@ -616,7 +616,7 @@ class MultimodalModel(nn.Module):
         cased and punctuated by the decoder (speech/punctuation.py) when transcriber.punctuate."""
         from speech.conformer import CHARACTERS
         from speech.lm_beam import Lexicon, WordLM, prefix_search
-        from speech.punctuation import punctuate
+        from speech.punctuation import punctuate, user_turn, word_gaps
 
         t = self.config.speech.transcriber
         if self._lexicon is None:
@@ -633,7 +633,9 @@ class MultimodalModel(nn.Module):
                                   lexicon=self._lexicon, unknown=t.unknown_word)
             words = next(iter(found), "").split()
             if t.punctuate:
-                out.append(punctuate(words, lm, t.punctuation_beam))
+                lm = WordLM(self.decoder, self.tokenizer, 32, *user_turn(self.tokenizer))
+                out.append(punctuate(words, lm, t.punctuation_beam, word_gaps(row[:n], words, CHARACTERS),
+                                     t.pause_weight, t.pause_frames))
                 continue
             text = " ".join(w.capitalize() if w == "i" or w.startswith("i'") else w for w in words)
             out.append(text[:1].upper() + text[1:])

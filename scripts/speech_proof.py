@@ -5,8 +5,10 @@ with the bundled SmolLM2-135M-Instruct frozen, then word error rate and spoken-d
     python scripts/speech_proof.py data    # the corpus (scripts/speech_corpus.py) -> data/speech/
     python scripts/speech_proof.py train   # the stages (configs/stages/espeak_speech_*.yaml)
     python scripts/speech_proof.py eval    # held-out figures -> docs/results/speech.json
+    python scripts/speech_proof.py eval-dialogue   # only the dialogue figures again, in place
     python scripts/speech_proof.py dev [W ...]   # dev WER of the decoder transcription per CTC weight
     python scripts/speech_proof.py dev-lm [A,B ...]   # dev WER of the character search per LM weight, word bonus
+    python scripts/speech_proof.py dev-lm "beam=32;unknown_word=15" ...   # or per any transcriber setting
     python scripts/speech_proof.py all
 
 Held-out figures:
@@ -20,9 +22,13 @@ Held-out figures:
                        language model): what the encoder hears
   *_token_head         the same, read by the speech adapter's token head alone (greedy, no
                        decoder): the token runs the decoder is given, each as its likeliest token
-  dialogue_agreement   held-out spoken questions whose reply equals, token for token, the bare
-                       decoder's greedy reply to the typed question (the training target of
-                       spoken dialogue is that reply)
+  dialogue_agreement   held-out spoken questions whose reply (model.generate("", audio=...), as
+                       speech.dialogue says: to the transcript, or to the speech's embeddings)
+                       equals, token for token, the bare decoder's greedy reply to the typed
+                       question (the training target of spoken dialogue is that reply)
+  dialogue_transcripts_exact   questions whose transcript is the typed question, to the letter
+                       (capitals and punctuation included)
+  dialogue_agreement_embeddings   the agreement of replies to the speech's embeddings
 """
 from __future__ import annotations
 
@@ -70,14 +76,35 @@ def transcripts(model, items: list[dict], batch_size: int = 16, ctc_weight: floa
 
 
 def replies(model, items: list[dict], max_new_tokens: int, batch_size: int = 16) -> list[dict]:
+    """The reply to each spoken question, as model.generate("", audio=...) gives it: with
+    speech.dialogue transcript, to the transcript (`heard`), which is kept."""
     out = []
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
-        said = model.generate([""] * len(chunk), audio=[audio_path(r) for r in chunk], max_new_tokens=max_new_tokens)
-        for r, reply in zip(chunk, said):
-            out.append({"audio": r["audio"], "question": r["question"], "expected": r["answer"], "reply": reply,
-                        "same": reply.strip() == r["answer"].strip()})
+        prompts, audios = model.heard([""] * len(chunk), [audio_path(r) for r in chunk])
+        said = model.generate(prompts, audio=audios, max_new_tokens=max_new_tokens)
+        for r, heard, reply in zip(chunk, prompts, said):
+            out.append({"audio": r["audio"], "question": r["question"], "heard": heard, "expected": r["answer"],
+                        "reply": reply, "same": reply.strip() == r["answer"].strip()})
     return out
+
+
+def dialogue(model, max_new_tokens: int) -> dict:
+    """Spoken-dialogue figures of held-out questions, as configured and by the speech's embeddings."""
+    import mm
+
+    results = replies(model, rows("dialogue_heldout"), max_new_tokens)
+    (RUN / "dialogue_heldout_replies.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
+    figures = {"dialogue_method": model.dialogue_method(),
+               "dialogue_agreement": round(sum(r["same"] for r in results) / max(1, len(results)), 4),
+               "dialogue_questions": len(results)}
+    if figures["dialogue_method"] == "transcript":
+        figures["dialogue_transcripts_exact"] = round(
+            sum(r["heard"] == r["question"] for r in results) / max(1, len(results)), 4)
+        embedded = mm.load(FINAL, overrides=["speech.dialogue=embeddings"])
+        figures["dialogue_agreement_embeddings"] = round(
+            sum(r["same"] for r in replies(embedded, rows("dialogue_heldout"), max_new_tokens)) / max(1, len(results)), 4)
+    return figures
 
 
 def ctc_transcripts(model, items: list[dict], batch_size: int = 16) -> list[dict] | None:
@@ -140,7 +167,9 @@ def evaluate(model_dir: Path) -> dict:
     figures, start = {"method": model.transcription_method(), "ctc_weight": model.config.speech.adapter.ctc_weight,
                       "lm_weight": t.lm_weight, "word_bonus": t.word_bonus, "beam": t.beam}, time.time()
     for name, key in (("asr_heldout", "wer"), ("asr_heldout_voices", "wer_heldout_voices")):
+        began = time.time()
         results = transcripts(model, rows(name))
+        figures[f"{key}_seconds_per_utterance"] = round((time.time() - began) / max(1, len(results)), 2)
         (RUN / f"{name}_transcripts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
         figures[key] = wer(results)
         figures[f"{key}_utterances"] = len(results)
@@ -156,10 +185,7 @@ def evaluate(model_dir: Path) -> dict:
             figures[f"{key}_token_head"] = wer(heard)
         for voice in sorted({r["voice"] for r in results if r["voice"]}):
             figures[f"{key}[{voice}]"] = wer([r for r in results if r["voice"] == voice])
-    results = replies(model, rows("dialogue_heldout"), corpus.get("max_new_tokens", 24))
-    (RUN / "dialogue_heldout_replies.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
-    figures["dialogue_agreement"] = round(sum(r["same"] for r in results) / max(1, len(results)), 4)
-    figures["dialogue_questions"] = len(results)
+    figures |= dialogue(model, corpus.get("max_new_tokens", 24))
     figures["eval_seconds"] = round(time.time() - start, 1)
     return figures
 
@@ -173,18 +199,37 @@ def dev_sweep(model_dir: Path, weights: list[float]) -> dict:
     return {str(w): wer(transcripts(model, rows("asr_dev"), ctc_weight=w, method="decoder")) for w in weights}
 
 
-def dev_lm_sweep(model_dir: Path, settings: list[tuple[float, float]]) -> dict:
-    """WER on the dev sentences of the character search per (LM weight, word bonus): where
-    speech.transcriber.lm_weight and word_bonus are chosen."""
+def dev_lm_sweep(model_dir: Path, settings: list[str]) -> dict:
+    """WER on the dev sentences of the character search per setting of speech.transcriber: each
+    "A,B" (LM weight, word bonus) or "key=value;key=value" (lm_weight=0.5;beam=32): where its
+    values are chosen, without looking at the held-out sentences. Transcripts are not
+    punctuated here: WER ignores capitals and punctuation."""
     import mm
 
-    model = mm.load(model_dir)
     out = {}
-    for alpha, beta in settings:
-        model.config.speech.transcriber.lm_weight, model.config.speech.transcriber.word_bonus = alpha, beta
-        out[f"{alpha},{beta}"] = wer(transcripts(model, rows("asr_dev"), method="characters"))
-        print(f"lm_weight {alpha}, word_bonus {beta}: dev WER {out[f'{alpha},{beta}']}", flush=True)
+    for setting in settings:
+        if "=" in setting:
+            overrides = [f"speech.transcriber.{kv}" for kv in setting.split(";")]
+        else:
+            alpha, beta = setting.split(",")
+            overrides = [f"speech.transcriber.lm_weight={alpha}", f"speech.transcriber.word_bonus={beta}"]
+        model = mm.load(model_dir, overrides=[*overrides, "speech.transcriber.punctuate=false"])
+        start = time.time()
+        out[setting] = wer(transcripts(model, rows("asr_dev"), method="characters"))
+        print(f"{setting}: dev WER {out[setting]} ({time.time() - start:.0f} s)", flush=True)
     return out
+
+
+def report_dialogue() -> dict:
+    """The dialogue figures again, in place in docs/results/speech.json (the rest kept)."""
+    import mm
+    from digits import write_results
+
+    result = json.loads((ROOT / "docs" / "results" / "speech.json").read_text())
+    start, max_new_tokens = time.time(), result["corpus"].get("max_new_tokens", 24)
+    result["heldout"] |= dialogue(mm.load(FINAL), max_new_tokens)
+    result["heldout"]["dialogue_eval_seconds"] = round(time.time() - start, 1)
+    return write_results("speech", {k: v for k, v in result.items() if k != "machine"})
 
 
 def report() -> dict:
@@ -198,8 +243,8 @@ def report() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=["data", "train", "eval", "dev", "dev-lm", "all"])
-    parser.add_argument("overrides", nargs="*", help="key=value for every stage (dev: CTC weights; dev-lm: A,B pairs)")
+    parser.add_argument("step", choices=["data", "train", "eval", "eval-dialogue", "dev", "dev-lm", "all"])
+    parser.add_argument("overrides", nargs="*", help="key=value for every stage (dev: CTC weights; dev-lm: A,B pairs or key=value;... settings)")
     args = parser.parse_args()
     if args.step in ("data", "all"):
         subprocess.run([sys.executable, str(ROOT / "scripts" / "speech_corpus.py"), "--out", str(DATA),
@@ -215,10 +260,11 @@ def main() -> None:
         weights = [float(w) for w in args.overrides] or [0.0, 0.3, 0.5, 0.7, 0.9]
         print(json.dumps({"dev_wer_by_ctc_weight": dev_sweep(FINAL, weights)}))
     if args.step == "dev-lm":
-        pairs = [tuple(float(x) for x in a.split(",")) for a in args.overrides] or [(0.3, 1.0), (0.5, 2.0), (0.8, 3.0)]
-        print(json.dumps({"dev_wer_by_lm_weight_word_bonus": dev_lm_sweep(FINAL, pairs)}))
+        print(json.dumps({"dev_wer_by_transcriber_setting": dev_lm_sweep(FINAL, args.overrides or ["0.5,2"])}))
     if args.step in ("eval", "all"):
         print(json.dumps(report(), indent=2))
+    if args.step == "eval-dialogue":
+        print(json.dumps(report_dialogue()["heldout"], indent=2))
 
 
 if __name__ == "__main__":

@@ -59,6 +59,8 @@ class TranscriberConfig:
     punctuate: bool = True  # characters: casing and punctuation chosen by the decoder
     # (speech/punctuation.py); false: lower case, the first letter and "I" capitalised
     punctuation_beam: int = 4
+    pause_weight: float = 2.8  # a comma's log-odds per 40 ms frame of pause past pause_frames
+    pause_frames: float = 3.1  # (speech/punctuation.py, pause_log_odds); 0: pauses are not heard
 
 
 @dataclass
@@ -96,9 +98,9 @@ class SpeechConfig:
         t = self.transcriber
         if t.method not in ("auto", "characters", "decoder"):
             problems.append(f"transcriber.method '{t.method}' is not auto, characters or decoder")
-        if min(t.lm_weight, t.unknown_word) < 0 or min(t.beam, t.punctuation_beam) < 1:
-            problems.append("transcriber.lm_weight and unknown_word must be at least 0, beam and punctuation_beam "
-                            "at least 1")
+        if min(t.lm_weight, t.unknown_word, t.pause_weight) < 0 or min(t.beam, t.punctuation_beam) < 1:
+            problems.append("transcriber.lm_weight, unknown_word and pause_weight must be at least 0, beam and "
+                            "punctuation_beam at least 1")
         if self.dialogue not in ("auto", "embeddings", "transcript"):
             problems.append(f"dialogue '{self.dialogue}' is not auto, embeddings or transcript")
         if self.conv_kernel % 2 == 0 or self.adapter.kernel % 2 == 0:

@@ -41,7 +41,9 @@ def logaddexp(a: float, b: float) -> float:
 
 class WordLM:
     """log p(word | words before it) under a frozen causal LM (lowercase words, single spaces),
-    cached per word sequence. The text starts after `start` (the decoder's document separator).
+    cached per word sequence. The text follows `context` (token ids; by default the decoder's
+    document separator); the word END stands for the tokens `end` (say, those that close a chat
+    turn), so that how a text ends can be scored too.
 
     Keys and values are kept per scored sequence, for the tokens of its last word only (a chain:
     a sequence's keys are its parent's followed by its own), with the decoder's last hidden state
@@ -49,15 +51,22 @@ class WordLM:
     for one more word after a beam entry at a time, so a call runs a token or two per row instead
     of re-reading the whole sentence."""
 
-    def __init__(self, decoder, tokenizer, batch_size: int = 32) -> None:
+    END = "\x00end"
+
+    def __init__(self, decoder, tokenizer, batch_size: int = 32, context: list[int] | None = None,
+                 end: list[int] = ()) -> None:
         self.decoder, self.tokenizer, self.batch_size = decoder, tokenizer, batch_size
-        self.start = [tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id]
+        separator = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.start = list(context) if context else [separator]
+        self.end = list(end)
         self.totals: dict[tuple[str, ...], float] = {(): 0.0}  # log p(all the words) per sequence
         self._pieces: dict[tuple[str, bool], list[int]] = {}
         self._keys: dict[tuple[str, ...], Tensor] = {}  # [layers, 2 (keys, values), heads, tokens, head dim]
         self._hidden: dict[tuple[str, ...], Tensor] = {}  # the last token's final hidden state [width]
 
     def pieces(self, word: str, first: bool) -> list[int]:
+        if word == self.END:
+            return self.end
         key = (word, first)
         if key not in self._pieces:
             self._pieces[key] = self.tokenizer(word if first else " " + word, add_special_tokens=False).input_ids

@@ -1,14 +1,14 @@
 """Casing and punctuation of character transcripts by the decoder (speech/punctuation.py)."""
 from __future__ import annotations
 
-import itertools
 import math
 
 import torch
 
 from mm.decoders import load_decoder
+from speech.align import ctc_align
 from speech.lm_beam import WordLM
-from speech.punctuation import ENDS, MIDDLE, forms, punctuate
+from speech.punctuation import ENDS, MIDDLE, forms, pause_log_odds, punctuate, word_gaps
 
 
 def test_forms_of_a_word():
@@ -16,6 +16,29 @@ def test_forms_of_a_word():
     assert forms("where", False) == ("where", "Where")
     assert forms("i", False) == ("I",) and forms("i'm", True) == ("I'm",)
     assert forms("1984", False) == ("1984",)
+
+
+def written(words: list[str]) -> list[tuple[str, ...]]:
+    """Every written sentence punctuate may choose from, by brute force: each word in each of
+    its forms, then a mark (or, inside, a hyphen joining it to the next word)."""
+    out = []
+
+    def grow(n: int, done: tuple[str, ...], open_word: str | None) -> None:
+        if n == len(words):
+            return
+        last = n == len(words) - 1
+        heads = [open_word + "-" + words[n]] if open_word is not None else list(forms(words[n], n == 0))
+        for head in heads:
+            for mark in ENDS if last else MIDDLE:
+                if last:
+                    out.append(done + (head + mark,))
+                else:
+                    grow(n + 1, done + (head + mark,), None)
+            if not last:
+                grow(n + 1, done, head)  # joined to the next word
+
+    grow(0, (), None)
+    return out
 
 
 def log_prob(decoder, lm: WordLM, words: tuple[str, ...]) -> float:
@@ -28,17 +51,42 @@ def log_prob(decoder, lm: WordLM, words: tuple[str, ...]) -> float:
 def test_a_wide_beam_finds_the_likeliest_written_sentence():
     decoder, tokenizer = load_decoder("tiny")
     words = ["ab", "i", "ba"]
-    choices = [forms(w, n == 0) for n, w in enumerate(words)]
-    marks = [MIDDLE] * (len(words) - 1) + [ENDS]
-    every = [tuple(f + m for f, m in zip(fs, ms)) for fs in itertools.product(*choices)
-             for ms in itertools.product(*marks)]
-    assert len(every) == 2 * 2 * 2 * 3  # ba or Ba; after ab and after I nothing or a comma; . ? or !
+    every = written(words)
+    assert ("Ab-i", "ba?") in every and ("Ab,", "I", "Ba.") in every and len(set(every)) == len(every)
     lm = WordLM(decoder, tokenizer)
     best = max(every, key=lambda s: log_prob(decoder, lm, s))
-    found = punctuate(words, WordLM(decoder, tokenizer), beam=len(every))
-    assert found == " ".join(best)
+    assert punctuate(words, WordLM(decoder, tokenizer), beam=len(every)) == " ".join(best)
+    # pauses: a long one after "ab" buys its comma, a short one costs it
+    pauses = {gap: punctuate(words, WordLM(decoder, tokenizer), len(every), [gap, 2.0], pause_weight=100.0)
+              for gap in (9.0, 1.0)}
+    assert pauses[9.0].startswith("Ab, ") and not pauses[1.0].startswith("Ab,")
     # a narrow beam still writes the same words, capitalised first, ended by a mark
     narrow = punctuate("ab i ba", WordLM(decoder, tokenizer), beam=1)
-    assert narrow[0] == "A" and narrow[-1] in ENDS and narrow.lower().replace(",", "")[:-1] == "ab i ba"
+    assert narrow[0] == "A" and narrow[-1] in ENDS
+    assert narrow.lower().replace(",", "").replace("-", " ")[:-1] == "ab i ba"
     assert punctuate([], WordLM(decoder, tokenizer)) == ""
     assert math.isfinite(log_prob(decoder, lm, best))
+
+
+def test_pause_log_odds_grow_with_the_pause_and_are_bounded():
+    odds = [pause_log_odds(f) for f in (0, 2, 3, 4, 5, 20)]
+    assert odds == sorted(odds) and odds[0] == odds[1] < 0 < odds[3] and odds[-1] == odds[-2]
+    assert pause_log_odds(5, weight=0.0) == 0.0
+
+
+def spoken(frames: list[str], alphabet: str) -> torch.Tensor:
+    """Log-probabilities that read each frame's character for sure ('_' a blank)."""
+    x = torch.full((len(frames), 1 + len(alphabet)), -20.0)
+    for t, c in enumerate(frames):
+        x[t, 0 if c == "_" else alphabet.index(c) + 1] = 0.0
+    return x.log_softmax(-1)
+
+
+def test_alignment_finds_each_character_and_the_pauses_between_words():
+    alphabet = " abc"
+    frames = list("_aa_b_ ____cc_a_") + list("__ _b")
+    spans = ctc_align(spoken(frames, alphabet), [alphabet.index(c) + 1 for c in "ab ca b"])
+    assert spans == [(1, 2), (4, 4), (6, 6), (11, 12), (14, 14), (18, 18), (20, 20)]
+    assert word_gaps(spoken(frames, alphabet), ["ab", "ca", "b"], alphabet) == [7.0, 6.0]
+    assert ctc_align(spoken(list("a"), alphabet), [2, 2]) is None  # "bb" needs three frames
+    assert ctc_align(spoken(list("_b_b_"), alphabet), [2, 2]) == [(1, 1), (3, 3)]
