@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from bench import decode, report
+from bench import decode, report, speech
 from bench.common import Setting, machine
 from bench.train import matmul_flops_per_s, write_picture_shards
 
 RESULTS = Path(__file__).parent / "results"
-PARTS = ("text", "image", "scaling", "train")
+PARTS = ("text", "image", "scaling", "train", "speech")
 
 
 def run_training(setting: Setting, folder: Path) -> dict:
@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             results["training"] = run_training(setting, Path(tmp))
         report.say("training", results["training"])
+    if "speech" in parts:
+        results["speech_search"] = speech.search(setting)
+        report.say("character search, key/value cache vs re-reading", results["speech_search"])
     results["seconds"] = round(time.time() - started)
     args.out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1) + "\n")

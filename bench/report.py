@@ -64,7 +64,7 @@ def _section(name: str, r: dict) -> list[str]:
              f"{m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB" + (f", {m['gpu']}" if "gpu" in m else "")
              + f"; torch {m['torch']}, transformers {m['transformers']}; {r['date']}, {r['seconds']} s.", "",
              _row("measurement", "mm", "reference", "ratio (mm faster > 1)", "target"), _row(*["---"] * 5)]
-    lines += _generation_rows(r) + _training_rows(r)
+    lines += _generation_rows(r) + _training_rows(r) + _speech_rows(r)
     if name.endswith("compile-decode"):
         firsts = ", ".join(f"{r[k]['ours_first_call_s']:.0f} s ({k})" for k in ("text_only", "image_qa") if k in r)
         lines.append(f"\nFirst reply, compilation included (not in the table): {firsts}.")
@@ -113,6 +113,19 @@ def _training_rows(r: dict) -> list[str]:
              f"{use['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s", f"{use['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s",
              f"**{use['ratio']:.2f}**", ""),
     ]
+
+
+def _speech_rows(r: dict) -> list[str]:
+    if "speech_search" not in r:
+        return []
+    t = r["speech_search"]
+    return [_row(f"7. character search + punctuation with the decoder as LM, per sentence ({t['sentences']}; "
+                 f"{'same' if t['same_transcripts'] else 'DIFFERENT'} transcripts)",
+                 f"{t['ours']['s_per_sentence']:.2f} s (key/value cache)",
+                 f"{t['reference']['s_per_sentence']:.2f} s (re-reading each text)", f"**{t['speed_ratio']:.2f}**", ""),
+            _row(f"7. the same, the {t['sentences']} recordings side by side (lockstep) vs one at a time",
+                 f"{t['side_by_side']['s_per_sentence']:.2f} s", f"{t['ours']['s_per_sentence']:.2f} s",
+                 f"**{t['side_by_side_ratio']:.2f}**", "")]
 
 
 def _scaling_rows(name: str, r: dict) -> list[str]:

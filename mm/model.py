@@ -613,10 +613,11 @@ class MultimodalModel(nn.Module):
     @torch.no_grad()
     def read_characters(self, recordings: list) -> list[str]:
         """Transcripts from the character head and the decoder as language model (speech/lm_beam.py),
-        cased and punctuated by the decoder (speech/punctuation.py) when transcriber.punctuate."""
+        cased and punctuated by the decoder (speech/punctuation.py) when transcriber.punctuate.
+        The recordings are searched side by side, their language-model requests batched."""
         from speech.conformer import CHARACTERS
-        from speech.lm_beam import Lexicon, WordLM, prefix_search
-        from speech.punctuation import punctuate, user_turn, word_gaps
+        from speech.lm_beam import Lexicon, WordLM, lockstep, search_steps
+        from speech.punctuation import punctuation_steps, user_turn, word_gaps
 
         t = self.config.speech.transcriber
         if self._lexicon is None:
@@ -625,18 +626,18 @@ class MultimodalModel(nn.Module):
         features = AudioFeatures.pad([self.audio_processor.features(a) for a in recordings])
         features = features.to(self.media_embedding.weight.device)
         states, mask = encoder(features.features.to(self.media_embedding.weight.dtype), features.lengths)
-        log_probs = encoder.ctc_head(states).float().log_softmax(-1)
+        heard = [row[:n] for row, n in zip(encoder.ctc_head(states).float().log_softmax(-1), mask.sum(1).tolist())]
+        lm = WordLM(self.decoder, self.tokenizer)  # its key/value cache lives as long as this call
+        found = lockstep([search_steps(x, CHARACTERS, lm, t.lm_weight, t.word_bonus, t.beam, lexicon=self._lexicon,
+                                       unknown=t.unknown_word) for x in heard], lm)
+        read = [next(iter(f), "").split() for f in found]
+        if t.punctuate:
+            context, end = user_turn(self.tokenizer)
+            lm = WordLM(self.decoder, self.tokenizer, context=context, end=end)
+            return lockstep([punctuation_steps(words, lm, t.punctuation_beam, word_gaps(x, words, CHARACTERS),
+                                               t.pause_weight, t.pause_frames) for x, words in zip(heard, read)], lm)
         out = []
-        for row, n in zip(log_probs, mask.sum(1).tolist()):
-            lm = WordLM(self.decoder, self.tokenizer)  # one per recording: its key/value cache goes with it
-            found = prefix_search(row[:n], CHARACTERS, lm, t.lm_weight, t.word_bonus, t.beam,
-                                  lexicon=self._lexicon, unknown=t.unknown_word)
-            words = next(iter(found), "").split()
-            if t.punctuate:
-                lm = WordLM(self.decoder, self.tokenizer, 32, *user_turn(self.tokenizer))
-                out.append(punctuate(words, lm, t.punctuation_beam, word_gaps(row[:n], words, CHARACTERS),
-                                     t.pause_weight, t.pause_frames))
-                continue
+        for words in read:
             text = " ".join(w.capitalize() if w == "i" or w.startswith("i'") else w for w in words)
             out.append(text[:1].upper() + text[1:])
         return out

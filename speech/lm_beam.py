@@ -21,13 +21,16 @@ The decoder is only read: `WordLM` runs it under no_grad on token ids and never 
 from __future__ import annotations
 
 import math
+from collections.abc import Generator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 from transformers import DynamicCache
 
 NEG = float("-inf")
+T = TypeVar("T")
 
 
 def logaddexp(a: float, b: float) -> float:
@@ -53,7 +56,7 @@ class WordLM:
 
     END = "\x00end"
 
-    def __init__(self, decoder, tokenizer, batch_size: int = 32, context: list[int] | None = None,
+    def __init__(self, decoder, tokenizer, batch_size: int = 64, context: list[int] | None = None,
                  end: list[int] = ()) -> None:
         self.decoder, self.tokenizer, self.batch_size = decoder, tokenizer, batch_size
         separator = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -81,15 +84,17 @@ class WordLM:
     @torch.no_grad()
     def add(self, sequences: list[tuple[str, ...]]) -> None:
         """Score each new word sequence, and every shorter sequence it starts with."""
-        todo = sorted((s for s in dict.fromkeys(sequences) if s not in self.totals), key=len)
+        todo = [s for s in dict.fromkeys(sequences) if s not in self.totals]
         if () not in self._keys:
             self._run([((), [((), self.start)])])
-        for i in range(0, len(todo), self.batch_size):
-            rows = []
-            for s in todo[i:i + self.batch_size]:
-                cut = next(n for n in range(len(s), -1, -1) if s[:n] in self._keys)
-                rows.append((s[:cut], [(s[:n], self.pieces(s[n - 1], n == 1)) for n in range(cut + 1, len(s) + 1)]))
-            self._run(rows)
+        rows = []
+        for s in todo:
+            cut = next(n for n in range(len(s), -1, -1) if s[:n] in self._keys)
+            rows.append((s[:cut], [(s[:n], self.pieces(s[n - 1], n == 1)) for n in range(cut + 1, len(s) + 1)]))
+        # batches of rows with as many new tokens: less padding
+        rows.sort(key=lambda row: sum(len(piece) for _, piece in row[1]))
+        for i in range(0, len(rows), self.batch_size):
+            self._run(rows[i:i + self.batch_size])
 
     def _run(self, rows: list[tuple[tuple[str, ...], list[tuple[tuple[str, ...], list[int]]]]]) -> None:
         """rows: (a scored prefix, [(each longer sequence, the tokens it adds)]) -> their totals,
@@ -185,6 +190,32 @@ def words_of(prefix: str, complete: bool) -> tuple[str, ...]:
     return tuple(w for w in (words if complete else words[:-1]) if w)
 
 
+Requests = Generator[list[tuple[str, ...]], None, T]  # asks for word sequences to be scored, returns T
+
+
+def lockstep(searches: list[Requests], lm: WordLM | None) -> list:
+    """Run searches side by side: each step, every search's requests go to the language model in
+    one `lm.add` (a batch of recordings costs about the decoder calls of one), then each goes on.
+    -> each search's result, in order."""
+    results: list = [None] * len(searches)
+    asked: dict[int, list[tuple[str, ...]]] = {}
+    for i, search in enumerate(searches):
+        try:
+            asked[i] = next(search)
+        except StopIteration as done:
+            results[i] = done.value
+    while asked:
+        if lm is not None:
+            lm.add([s for request in asked.values() for s in request])
+        for i in list(asked):
+            try:
+                asked[i] = next(searches[i])
+            except StopIteration as done:
+                results[i] = done.value
+                del asked[i]
+    return results
+
+
 def prefix_search(log_probs: Tensor, alphabet: str, lm: WordLM | None, alpha: float = 0.5, beta: float = 1.0,
                   beam: int = 16, char_floor: float = -9.0, lexicon: Lexicon | None = None,
                   unknown: float = 10.0) -> dict[str, float]:
@@ -192,7 +223,16 @@ def prefix_search(log_probs: Tensor, alphabet: str, lm: WordLM | None, alpha: fl
     0, class i + 1 is alphabet[i], ' ' the word separator) -> the labellings left in the beam at
     the end, words joined by single spaces, best first (by the fused score; by log p_ctc when lm
     is None): {text: log p_ctc}. Characters below `char_floor` (log-probability) in a frame are
-    not tried there; `lexicon` charges `unknown` to a partial word that no word starts with."""
+    not tried there; `lexicon` charges `unknown` to a partial word that no word starts with.
+    Several recordings: `lockstep([search_steps(...) for ...], lm)`."""
+    return lockstep([search_steps(log_probs, alphabet, lm, alpha, beta, beam, char_floor, lexicon, unknown)], lm)[0]
+
+
+def search_steps(log_probs: Tensor, alphabet: str, lm: WordLM | None, alpha: float = 0.5, beta: float = 1.0,
+                 beam: int = 16, char_floor: float = -9.0, lexicon: Lexicon | None = None,
+                 unknown: float = 10.0) -> Requests[dict[str, float]]:
+    """`prefix_search` as steps: yields the word sequences each frame needs scored (the caller
+    scores them with lm.add), returns its result."""
     x = log_probs.float().cpu()
     space = alphabet.index(" ") + 1
     beams: dict[str, Beam] = {"": Beam(blank=0.0)}
@@ -244,7 +284,7 @@ def prefix_search(log_probs: Tensor, alphabet: str, lm: WordLM | None, alpha: fl
             floor = sorted(scores.values(), reverse=True)[beam - 1] if len(scores) >= beam else NEG
             ask = {p: w for p, w in fresh.items()
                    if nxt[p].ctc + alpha * lm.totals.get(w[:-1], 0.0) + beta * len(w) > floor}
-            lm.add(list(ask.values()))
+            yield list(ask.values())
             scores.update({p: score(p, nxt[p]) for p in ask})
         else:
             scores = {p: b.ctc for p, b in nxt.items()}
@@ -255,6 +295,7 @@ def prefix_search(log_probs: Tensor, alphabet: str, lm: WordLM | None, alpha: fl
         out[text] = logaddexp(out.get(text, NEG), b.ctc)
     if lm is None:
         return dict(sorted(out.items(), key=lambda kv: kv[1], reverse=True))
+    yield [tuple(t.split()) for t in out]
     return rank(out, lm, alpha, beta)
 
 

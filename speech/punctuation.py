@@ -20,7 +20,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from speech.align import ctc_align
-from speech.lm_beam import WordLM
+from speech.lm_beam import Requests, WordLM, lockstep
 
 MIDDLE = ("", ",")  # what may follow a word inside the sentence
 ENDS = (".", "?", "!")  # what may end it
@@ -79,7 +79,14 @@ def punctuate(words: list[str] | str, lm: WordLM, beam: int = 4, pauses: list[fl
     """The likeliest written sentence of `words` (lower-case, as read) under lm's decoder (with
     lm.end after it when lm has one: `WordLM(..., *user_turn(tokenizer))`). `pauses` (frames
     between each word and the next) weigh for a comma where the speaker paused and against one
-    where they did not (`pause_log_odds`). A word may also join the one before with a hyphen."""
+    where they did not (`pause_log_odds`). A word may also join the one before with a hyphen.
+    Several transcripts: `lockstep([punctuation_steps(...) for ...], lm)`."""
+    return lockstep([punctuation_steps(words, lm, beam, pauses, pause_weight, pause_frames)], lm)[0]
+
+
+def punctuation_steps(words: list[str] | str, lm: WordLM, beam: int = 4, pauses: list[float] | None = None,
+                      pause_weight: float = 2.8, pause_frames: float = 3.1) -> Requests[str]:
+    """`punctuate` as steps: yields the word sequences each word needs scored, returns the text."""
     if isinstance(words, str):
         words = words.split()
     if not words:
@@ -102,7 +109,7 @@ def punctuate(words: list[str] | str, lm: WordLM, beam: int = 4, pauses: list[fl
         # ranked with what follows them: the next word as read (a comma pays off, or not, there),
         # or how the text closes
         judged = {g: g + (closing if last else (plain[n + 1],)) for g in grown}
-        lm.add(list(judged.values()))
+        yield list(judged.values())
         ranked = sorted(grown, key=lambda g: lm.total(judged[g]) + grown[g], reverse=True)[:beam]
         beams = {g: grown[g] for g in ranked}
     return " ".join(next(iter(beams)))

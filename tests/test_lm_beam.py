@@ -86,3 +86,20 @@ def test_lexicon_of_a_tokenizer_without_word_tokens_knows_only_numbers():
     lexicon = Lexicon(tokenizer)
     assert lexicon.could_be("") and lexicon.could_be("1984")
     assert not lexicon.could_be("ab")
+
+
+def test_recordings_searched_side_by_side_read_as_each_alone():
+    from speech.lm_beam import lockstep, search_steps
+    from speech.punctuation import punctuate, punctuation_steps
+
+    decoder, tokenizer = load_decoder("tiny")
+    torch.manual_seed(2)
+    recordings = [torch.randn(frames, 4).mul(2).log_softmax(-1) for frames in (5, 8, 3)]
+    alone = [prefix_search(x, ALPHABET, WordLM(decoder, tokenizer), 1.0, 0.5, beam=6) for x in recordings]
+    shared = WordLM(decoder, tokenizer, batch_size=4)
+    together = lockstep([search_steps(x, ALPHABET, shared, 1.0, 0.5, beam=6) for x in recordings], shared)
+    for a, b in zip(alone, together):
+        assert list(a) == list(b) and all(math.isclose(a[t], b[t], abs_tol=1e-9) for t in a)
+    texts = [next(iter(f)) for f in alone]
+    assert lockstep([punctuation_steps(t, shared) for t in texts], shared) == [
+        punctuate(t, WordLM(decoder, tokenizer)) for t in texts]
