@@ -8,7 +8,8 @@ import torch
 from mm.decoders import load_decoder
 from speech.align import ctc_align
 from speech.lm_beam import WordLM
-from speech.punctuation import ENDS, MIDDLE, forms, pause_log_odds, punctuate, word_gaps
+from speech.punctuation import (CAPITAL_COST, ENDS, HYPHEN_COST, MIDDLE, forms, pause_log_odds, punctuate,
+                                word_gaps)
 
 
 def test_forms_of_a_word():
@@ -54,7 +55,12 @@ def test_a_wide_beam_finds_the_likeliest_written_sentence():
     every = written(words)
     assert ("Ab-i", "ba?") in every and ("Ab,", "I", "Ba.") in every and len(set(every)) == len(every)
     lm = WordLM(decoder, tokenizer)
-    best = max(every, key=lambda s: log_prob(decoder, lm, s))
+
+    def score(s: tuple[str, ...]) -> float:  # the decoder's, less the charges for hyphens and capitals
+        capitals = sum(w[0].isupper() for w in " ".join(s).replace("-", " ").split()[1:] if not w.startswith("I"))
+        return log_prob(decoder, lm, s) - HYPHEN_COST * " ".join(s).count("-") - CAPITAL_COST * capitals
+
+    best = max(every, key=score)
     assert punctuate(words, WordLM(decoder, tokenizer), beam=len(every)) == " ".join(best)
     # pauses: a long one after "ab" buys its comma, a short one costs it
     pauses = {gap: punctuate(words, WordLM(decoder, tokenizer), len(every), [gap, 2.0], pause_weight=100.0)
