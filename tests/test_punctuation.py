@@ -10,6 +10,7 @@ from speech.align import ctc_align
 from speech.lm_beam import WordLM
 from speech.punctuation import (CAPITAL_COST, ENDS, HYPHEN_COST, MIDDLE, forms, pause_log_odds, punctuate,
                                 word_gaps)
+from tests.test_lm_beam import sentence_log_prob
 
 
 def test_forms_of_a_word():
@@ -42,13 +43,6 @@ def written(words: list[str]) -> list[tuple[str, ...]]:
     return out
 
 
-def log_prob(decoder, lm: WordLM, words: tuple[str, ...]) -> float:
-    ids = lm.ids(words)
-    with torch.no_grad():
-        log_probs = decoder(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
-    return sum(float(log_probs[i, ids[i + 1]]) for i in range(len(ids) - 1))
-
-
 def test_a_wide_beam_finds_the_likeliest_written_sentence():
     decoder, tokenizer = load_decoder("tiny")
     words = ["ab", "i", "ba"]
@@ -58,7 +52,7 @@ def test_a_wide_beam_finds_the_likeliest_written_sentence():
 
     def score(s: tuple[str, ...]) -> float:  # the decoder's, less the charges for hyphens and capitals
         capitals = sum(w[0].isupper() for w in " ".join(s).replace("-", " ").split()[1:] if not w.startswith("I"))
-        return log_prob(decoder, lm, s) - HYPHEN_COST * " ".join(s).count("-") - CAPITAL_COST * capitals
+        return sentence_log_prob(decoder, lm, s) - HYPHEN_COST * " ".join(s).count("-") - CAPITAL_COST * capitals
 
     best = max(every, key=score)
     assert punctuate(words, WordLM(decoder, tokenizer), beam=len(every)) == " ".join(best)
@@ -71,7 +65,7 @@ def test_a_wide_beam_finds_the_likeliest_written_sentence():
     assert narrow[0] == "A" and narrow[-1] in ENDS
     assert narrow.lower().replace(",", "").replace("-", " ")[:-1] == "ab i ba"
     assert punctuate([], WordLM(decoder, tokenizer)) == ""
-    assert math.isfinite(log_prob(decoder, lm, best))
+    assert math.isfinite(sentence_log_prob(decoder, lm, best))
 
 
 def test_pause_log_odds_grow_with_the_pause_and_are_bounded():
