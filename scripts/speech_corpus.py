@@ -13,8 +13,9 @@ to case. A seeded shuffle splits them: held-out sentences and
 held-out dialogue questions never appear in any training manifest.
 
 Speech: espeak-ng, several English accents and voice variants at 140-200 words per minute;
-three held-out voices (accents and variants used by no training utterance) speak the held-out
-sentences a second time. Each utterance is 16 kHz mono FLAC, named by a hash of (text, voice,
+with --train-readings N each training sentence is spoken N times, each time by another voice
+(further readings also by more variants of the training accents). Three held-out voices
+(accents and variants used by no training utterance) speak the held-out sentences a second time. Each utterance is 16 kHz mono FLAC, named by a hash of (text, voice,
 rate), so a rerun synthesizes only what is missing.
 
 Manifests in OUT (paths relative to OUT):
@@ -57,6 +58,10 @@ SKIP_FILES = {"ascii-art", "translate-me", "perl", "ethnic"}  # pictures, other 
 TRAIN_VOICES = ["en-us", "en", "en-gb-scotland", "en-gb-x-rp", "en-029",
                 "en-us+f3", "en+m3", "en-us+f2", "en-gb-x-rp+f1", "en-029+m2"]
 HELDOUT_VOICES = ["en-gb-x-gbcwmd", "en-gb-x-gbclan+f4", "en-us-nyc+m5"]  # accents and variants never trained on
+# further readings of the training sentences (--train-readings) also draw from these: the training
+# accents in other voice variants, none of them a held-out accent or variant
+MORE_TRAIN_VOICES = ["en-us+m1", "en+f5", "en-gb-scotland+m4", "en-gb-x-rp+m6", "en-029+f1", "en-us+m7",
+                     "en+f2", "en-gb-scotland+f3", "en-us+m8", "en-gb-x-rp+m2"]
 RATES = list(range(140, 201, 10))  # words per minute
 MIN_WORDS, MAX_WORDS = 4, 14
 REPLY_BATCH = 16
@@ -180,6 +185,22 @@ def assign_voices(texts: list[str], voices: list[str], seed: str) -> list[tuple[
     return [(t, rng.choice(voices), rng.choice(RATES)) for t in texts]
 
 
+def further_readings(texts: list[str], first: list[tuple[str, str, int]], readings: int,
+                     seed: str) -> list[tuple[str, str, int]]:
+    """Readings 2..N of each text, each by a voice (training voices and MORE_TRAIN_VOICES) not yet
+    reading that text, at a random rate."""
+    rng = random.Random(seed)
+    voices = TRAIN_VOICES + MORE_TRAIN_VOICES
+    used = {t: {v} for t, v, _ in first}
+    plan = []
+    for _ in range(readings - 1):
+        for t in texts:
+            voice = rng.choice([v for v in voices if v not in used[t]])
+            used[t].add(voice)
+            plan.append((t, voice, rng.choice(RATES)))
+    return plan
+
+
 def _worker_init() -> None:
     import torch
 
@@ -275,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-sentences", type=int, default=3000)
     p.add_argument("--heldout-sentences", type=int, default=200)
     p.add_argument("--dev-sentences", type=int, default=100)
+    p.add_argument("--train-readings", type=int, default=1,
+                   help="times each training sentence is spoken, each time by another voice")
     p.add_argument("--dialogue-train", type=int, default=600)
     p.add_argument("--dialogue-heldout", type=int, default=100)
     p.add_argument("--max-new-tokens", type=int, default=24, help="length of the decoder's replies")
@@ -283,7 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     start = time.time()
     out = args.out
-    check_tools(TRAIN_VOICES + HELDOUT_VOICES)
+    if not 1 <= args.train_readings <= len(TRAIN_VOICES + MORE_TRAIN_VOICES):
+        sys.exit(f"speech_corpus: error: --train-readings {args.train_readings}: must be 1 to "
+                 f"{len(TRAIN_VOICES + MORE_TRAIN_VOICES)} (the training voices)")
+    check_tools(TRAIN_VOICES + MORE_TRAIN_VOICES + HELDOUT_VOICES)
     out.mkdir(parents=True, exist_ok=True)
 
     sentences = corpus_sentences()
@@ -296,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         "dialogue_heldout": assign_voices(parts["dialogue_heldout"], TRAIN_VOICES, f"{args.seed}/dialogue_heldout"),
         "asr_dev": assign_voices(parts["asr_dev"], TRAIN_VOICES, f"{args.seed}/asr_dev"),
     }
+    plans["asr_train"] += further_readings(parts["asr_train"], plans["asr_train"], args.train_readings,
+                                           f"{args.seed}/asr_train/readings")
 
     # speech
     t0 = time.time()
@@ -368,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         "transcript_tokens": summary(tokens(texts)),
         "reply_tokens": summary(tokens([replies[q] for q in questions])),
         "max_new_tokens": args.max_new_tokens,
-        "voices": {"train": TRAIN_VOICES, "heldout": HELDOUT_VOICES}, "rates_wpm": RATES,
+        "voices": {"train": TRAIN_VOICES, "train_further_readings": MORE_TRAIN_VOICES,
+                   "heldout": HELDOUT_VOICES}, "train_readings": args.train_readings, "rates_wpm": RATES,
         "shards": shards,
         "time_s": {"synthesis": round(synthesis_s, 1), "synthesized_now": made, "removed_stale": len(stale),
                    "replies": round(reply_s, 1), "replied_now": replied,
@@ -381,7 +410,9 @@ def main(argv: list[str] | None = None) -> int:
               f"median {s['seconds'].get('median')} s  max {s['seconds'].get('max')} s")
     print(f"total {len(jobs)} utterances, {figures['audio_hours']:.3f} h of audio; "
           f"transcripts {figures['transcript_tokens']} tokens")
-    print(f"voices: train {', '.join(TRAIN_VOICES)}; held out {', '.join(HELDOUT_VOICES)}")
+    print(f"voices: train {', '.join(TRAIN_VOICES)}"
+          + (f"; further readings also {', '.join(MORE_TRAIN_VOICES)}" if args.train_readings > 1 else "")
+          + f"; held out {', '.join(HELDOUT_VOICES)}")
     print(f"shards: {shards}")
     print(f"time: synthesis {synthesis_s:.0f} s ({made} new), replies {reply_s:.0f} s ({replied} new), "
           f"shards {shard_s:.0f} s, total {time.time() - start:.0f} s -> {out / 'corpus.json'}")

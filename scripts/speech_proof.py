@@ -248,7 +248,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.step in ("data", "all"):
         subprocess.run([sys.executable, str(ROOT / "scripts" / "speech_corpus.py"), "--out", str(DATA),
-                        "--train-sentences", "9000", "--dialogue-train", "900"], check=True)
+                        "--train-sentences", "11200", "--train-readings", "2", "--dialogue-train", "900"], check=True)
     if args.step in ("train", "all"):
         from digits import train
 

@@ -378,3 +378,23 @@ def test_corpus_sentences_are_clean_deduplicated_and_held_out(tmp_path):
     assert not held_out & trained
     assert not set(parts["asr_dev"]) & (held_out | trained)
     assert all(q.endswith("?") for q in parts["dialogue_train"] + parts["dialogue_heldout"])
+
+
+def test_further_readings_are_other_training_voices_never_held_out():
+    corpus = _corpus_module()
+    texts = [f"Sentence number {i} is here." for i in range(50)]
+    first = corpus.assign_voices(texts, corpus.TRAIN_VOICES, "0/asr_train")
+    more = corpus.further_readings(texts, first, 3, "0/asr_train/readings")
+    assert more == corpus.further_readings(texts, first, 3, "0/asr_train/readings")  # seeded
+    assert len(more) == 2 * len(texts) and [t for t, _, _ in more] == texts + texts
+    for text in texts:
+        voices = [v for t, v, _ in first + more if t == text]
+        assert len(set(voices)) == 3  # each reading by another voice
+    used = {v for _, v, _ in more}
+    assert used <= set(corpus.TRAIN_VOICES + corpus.MORE_TRAIN_VOICES) and used & set(corpus.MORE_TRAIN_VOICES)
+    held_out = set(corpus.HELDOUT_VOICES)
+    variants = {v.partition("+")[2] for v in held_out} - {""}
+    accents = {v.partition("+")[0] for v in held_out}
+    assert all(v.partition("+")[0] not in accents and v.partition("+")[2] not in variants
+               for v in corpus.TRAIN_VOICES + corpus.MORE_TRAIN_VOICES)
+    assert corpus.further_readings(texts, first, 1, "seed") == []
