@@ -616,6 +616,7 @@ class MultimodalModel(nn.Module):
         cased and punctuated by the decoder (speech/punctuation.py) when transcriber.punctuate.
         The recordings are searched side by side, their language-model requests batched."""
         from speech.conformer import CHARACTERS
+        from speech.intonation import final_rise, question_log_odds
         from speech.lm_beam import Lexicon, WordLM, lockstep, search_steps
         from speech.punctuation import punctuation_steps, user_turn, word_gaps
 
@@ -623,7 +624,8 @@ class MultimodalModel(nn.Module):
         if self._lexicon is None:
             self._lexicon = Lexicon(self.tokenizer)
         encoder = self.encoders["audio"]
-        features = AudioFeatures.pad([self.audio_processor.features(a) for a in recordings])
+        waves = [self.audio_processor.wave(a) for a in recordings]
+        features = AudioFeatures.pad([self.audio_processor.log_mel_of(w) for w in waves])
         features = features.to(self.media_embedding.weight.device)
         states, mask = encoder(features.features.to(self.media_embedding.weight.dtype), features.lengths)
         heard = [row[:n] for row, n in zip(encoder.ctc_head(states).float().log_softmax(-1), mask.sum(1).tolist())]
@@ -634,8 +636,11 @@ class MultimodalModel(nn.Module):
         if t.punctuate:
             context, end = user_turn(self.tokenizer)
             lm = WordLM(self.decoder, self.tokenizer, context=context, end=end)
+            questions = [question_log_odds(final_rise(w), t.question_weight) if t.question_weight else 0.0
+                         for w in waves]
             return lockstep([punctuation_steps(words, lm, t.punctuation_beam, word_gaps(x, words, CHARACTERS),
-                                               t.pause_weight, t.pause_frames) for x, words in zip(heard, read)], lm)
+                                               t.pause_weight, t.pause_frames, q)
+                             for x, words, q in zip(heard, read, questions)], lm)
         out = []
         for words in read:
             text = " ".join(w.capitalize() if w == "i" or w.startswith("i'") else w for w in words)

@@ -61,6 +61,8 @@ class TranscriberConfig:
     punctuation_beam: int = 4
     pause_weight: float = 2.8  # a comma's log-odds per 40 ms frame of pause past pause_frames
     pause_frames: float = 3.1  # (speech/punctuation.py, pause_log_odds); 0: pauses are not heard
+    question_weight: float = 1.0  # share of the final rise's log-odds for a closing "?"
+    # (speech/intonation.py, question_log_odds); 0: the voice's pitch is not heard
 
 
 @dataclass
@@ -98,9 +100,10 @@ class SpeechConfig:
         t = self.transcriber
         if t.method not in ("auto", "characters", "decoder"):
             problems.append(f"transcriber.method '{t.method}' is not auto, characters or decoder")
-        if min(t.lm_weight, t.unknown_word, t.pause_weight) < 0 or min(t.beam, t.punctuation_beam) < 1:
-            problems.append("transcriber.lm_weight, unknown_word and pause_weight must be at least 0, beam and "
-                            "punctuation_beam at least 1")
+        weights = (t.lm_weight, t.unknown_word, t.pause_weight, t.question_weight)
+        if min(weights) < 0 or min(t.beam, t.punctuation_beam) < 1:
+            problems.append("transcriber.lm_weight, unknown_word, pause_weight and question_weight must be at least 0, "
+                            "beam and punctuation_beam at least 1")
         if self.dialogue not in ("auto", "embeddings", "transcript"):
             problems.append(f"dialogue '{self.dialogue}' is not auto, embeddings or transcript")
         if self.conv_kernel % 2 == 0 or self.adapter.kernel % 2 == 0:

@@ -38,16 +38,23 @@ class AudioProcessor:
         self.config = config
         self.log_mel = None  # built on first use (a model may be built on the meta device)
 
+    def wave(self, source) -> Tensor:
+        """The recording as float32 samples [n], mono, 16 kHz (speech/audio.py, load_audio)."""
+        from speech.audio import load_audio
+
+        if isinstance(source, tuple) and len(source) == 2:
+            return load_audio(source[0], source[1], max_seconds=self.config.max_seconds)
+        return load_audio(source, max_seconds=self.config.max_seconds)
+
     def features(self, source) -> Tensor:
-        from speech.audio import LogMel, load_audio
+        return self.log_mel_of(self.wave(source))
+
+    def log_mel_of(self, wave: Tensor) -> Tensor:
+        """16 kHz mono samples [n] -> normalised log-mel [T, n_mels]."""
+        from speech.audio import LogMel
 
         if self.log_mel is None:
             self.log_mel = LogMel(n_mels=self.config.n_mels)
-
-        if isinstance(source, tuple) and len(source) == 2:
-            wave = load_audio(source[0], source[1], max_seconds=self.config.max_seconds)
-        else:
-            wave = load_audio(source, max_seconds=self.config.max_seconds)
         return self.log_mel(wave)
 
     def __call__(self, sources: list) -> AudioFeatures:

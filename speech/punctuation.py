@@ -11,7 +11,9 @@ next word as read, so that a comma is judged by what comes after it. The first w
 capitalised, and so is the word "I". Where the recording is at hand, the pause the speaker made
 after each word (on the character head's alignment, `word_gaps`) weighs for or against a comma
 there (`pause_log_odds`): the decoder alone cannot tell "Why, what did she tell you?" from "Why
-what did she tell you?".
+what did she tell you?". Likewise the pitch at the end of the recording weighs for or against a
+closing question mark (speech/intonation.py): "You can't say this?" is a question only in its
+voice.
 
 The text is scored where the decoder meets it in spoken dialogue: as a user's turn of its chat
 template (`user_turn`), closing tokens included, so that how it ends counts: a document may
@@ -85,17 +87,18 @@ def user_turn(tokenizer) -> tuple[list[int] | None, list[int]]:
 
 
 def punctuate(words: list[str] | str, lm: WordLM, beam: int = 4, pauses: list[float] | None = None,
-              pause_weight: float = 2.8, pause_frames: float = 3.1) -> str:
+              pause_weight: float = 2.8, pause_frames: float = 3.1, question: float = 0.0) -> str:
     """The likeliest written sentence of `words` (lower-case, as read) under lm's decoder (with
     lm.end after it when lm has one: context and end from `user_turn`). `pauses` (frames
     between each word and the next) weigh for a comma where the speaker paused and against one
-    where they did not (`pause_log_odds`). A word may also join the one before with a hyphen.
-    Several transcripts: `lockstep([punctuation_steps(...) for ...], lm)`."""
-    return lockstep([punctuation_steps(words, lm, beam, pauses, pause_weight, pause_frames)], lm)[0]
+    where they did not (`pause_log_odds`). `question` is the log-odds the voice gives a closing
+    question mark (speech/intonation.py, question_log_odds). A word may also join the one before
+    with a hyphen. Several transcripts: `lockstep([punctuation_steps(...) for ...], lm)`."""
+    return lockstep([punctuation_steps(words, lm, beam, pauses, pause_weight, pause_frames, question)], lm)[0]
 
 
 def punctuation_steps(words: list[str] | str, lm: WordLM, beam: int = 4, pauses: list[float] | None = None,
-                      pause_weight: float = 2.8, pause_frames: float = 3.1) -> Requests[str]:
+                      pause_weight: float = 2.8, pause_frames: float = 3.1, question: float = 0.0) -> Requests[str]:
     """`punctuate` as steps: yields the word sequences each word needs scored, returns the text."""
     if isinstance(words, str):
         words = words.split()
@@ -111,7 +114,7 @@ def punctuation_steps(words: list[str] | str, lm: WordLM, beam: int = 4, pauses:
         grown: dict[tuple[str, ...], float] = {}
         for b, evidence in beams.items():
             for mark in marks:
-                bonus = evidence + (pause if mark == "," else 0.0)
+                bonus = evidence + (pause if mark == "," else question if mark == "?" else 0.0)
                 choices = forms(word, n == 0)
                 for form in choices:
                     grown[b + (form + mark,)] = bonus - (CAPITAL_COST if form != choices[0] else 0.0)

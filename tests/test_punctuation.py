@@ -60,6 +60,9 @@ def test_a_wide_beam_finds_the_likeliest_written_sentence():
     pauses = {gap: punctuate(words, WordLM(decoder, tokenizer), len(every), [gap, 2.0], pause_weight=100.0)
               for gap in (9.0, 1.0)}
     assert pauses[9.0].startswith("Ab, ") and not pauses[1.0].startswith("Ab,")
+    # the voice's rise: strong evidence for a question mark buys it, against one costs it
+    asked = {q: punctuate(words, WordLM(decoder, tokenizer), len(every), question=q) for q in (100.0, -100.0)}
+    assert asked[100.0].endswith("?") and not asked[-100.0].endswith("?")
     # a narrow beam still writes the same words, capitalised first, ended by a mark
     narrow = punctuate("ab i ba", WordLM(decoder, tokenizer), beam=1)
     assert narrow[0] == "A" and narrow[-1] in ENDS

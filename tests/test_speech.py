@@ -424,6 +424,10 @@ def test_speech_ctc_stage_and_size_grouped_batches(speech_shards, tmp_path):
         mm.load("tiny").transcribe(recording, method="characters")
     with pytest.raises(mm.ConfigError, match="transcriber.method"):
         mm.load("tiny", overrides=["speech.transcriber.method=words"])
+    with pytest.raises(mm.ConfigError, match="question_weight must be at least 0"):
+        mm.load("tiny", overrides=["speech.transcriber.question_weight=-1"])
+    unheard = mm.load(final, overrides=["speech.transcriber.question_weight=0"])  # the pitch not heard
+    assert isinstance(unheard.transcribe(recording), str)
 
     # spoken dialogue goes through the transcript where transcripts come from the character head
     # (speech.dialogue auto): the reply to the recording is the reply to its text, typed
