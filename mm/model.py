@@ -636,8 +636,8 @@ class MultimodalModel(nn.Module):
         if t.punctuate:
             context, end = user_turn(self.tokenizer)
             lm = WordLM(self.decoder, self.tokenizer, context=context, end=end)
-            questions = [question_log_odds(final_rise(w), t.question_weight) if t.question_weight else 0.0
-                         for w in waves]
+            questions = [question_log_odds(final_rise(w), t.question_weight) if t.question_weight and words else 0.0
+                         for w, words in zip(waves, read)]  # nothing read: nothing to punctuate
             return lockstep([punctuation_steps(words, lm, t.punctuation_beam, word_gaps(x, words, CHARACTERS),
                                                t.pause_weight, t.pause_frames, q)
                              for x, words, q in zip(heard, read, questions)], lm)

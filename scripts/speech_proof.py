@@ -9,6 +9,7 @@ with the bundled SmolLM2-135M-Instruct frozen, then word error rate and spoken-d
     python scripts/speech_proof.py dev [W ...]   # dev WER of the decoder transcription per CTC weight
     python scripts/speech_proof.py dev-lm [A,B ...]   # dev WER of the character search per LM weight, word bonus
     python scripts/speech_proof.py dev-lm "beam=32;unknown_word=15" ...   # or per any transcriber setting
+    python scripts/speech_proof.py fit-intonation   # the counts behind speech/intonation.py's RISE_LOG_ODDS
     python scripts/speech_proof.py all
 
 Held-out figures:
@@ -220,6 +221,26 @@ def dev_lm_sweep(model_dir: Path, settings: list[str]) -> dict:
     return out
 
 
+def fit_intonation(utterances: int = 4000) -> dict:
+    """The counts behind speech/intonation.py's RISE_LOG_ODDS: per bin of final rise, the first
+    `utterances` of asr_train that end in "?" and the others, and the log likelihood ratio."""
+    import math
+
+    from speech.audio import load_audio
+    from speech.intonation import RISE_LOG_ODDS, final_rise
+
+    counts = [[0, 0] for _ in RISE_LOG_ODDS]
+    for row in rows("asr_train")[:utterances]:
+        rise = final_rise(load_audio(audio_path(row)))
+        if rise is not None:
+            counts[next(i for i, (upper, _) in enumerate(RISE_LOG_ODDS) if rise < upper)][
+                not row["caption"].endswith("?")] += 1
+    asked, other = (sum(c[k] for c in counts) for k in (0, 1))
+    return {f"below {upper}": {"questions": q, "others": o,
+                               "log_odds": round(math.log((q + 0.5) / asked) - math.log((o + 0.5) / other), 2)}
+            for (upper, _), (q, o) in zip(RISE_LOG_ODDS, counts)}
+
+
 def report_dialogue() -> dict:
     """The dialogue figures again, in place in docs/results/speech.json (the rest kept)."""
     import mm
@@ -243,7 +264,8 @@ def report() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=["data", "train", "eval", "eval-dialogue", "dev", "dev-lm", "all"])
+    parser.add_argument("step", choices=["data", "train", "eval", "eval-dialogue", "dev", "dev-lm", "fit-intonation",
+                                           "all"])
     parser.add_argument("overrides", nargs="*", help="key=value for every stage (dev: CTC weights; dev-lm: A,B pairs or key=value;... settings)")
     args = parser.parse_args()
     if args.step in ("data", "all"):
@@ -261,6 +283,8 @@ def main() -> None:
         print(json.dumps({"dev_wer_by_ctc_weight": dev_sweep(FINAL, weights)}))
     if args.step == "dev-lm":
         print(json.dumps({"dev_wer_by_transcriber_setting": dev_lm_sweep(FINAL, args.overrides or ["0.5,2"])}))
+    if args.step == "fit-intonation":
+        print(json.dumps({"rise_log_odds": fit_intonation()}, indent=1))
     if args.step in ("eval", "all"):
         print(json.dumps(report(), indent=2))
     if args.step == "eval-dialogue":

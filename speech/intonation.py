@@ -49,7 +49,8 @@ def final_rise(wave: Tensor, sample_rate: int = 16000) -> float | None:
 
 # Log likelihood ratios of a closing "?" against any other ending, by final rise, fitted on
 # espeak-ng speech of the proof's training sentences (the first 4000 of asr_train: 291 questions,
-# 3709 others; counts per bin "questions / others", each count + 0.5). A rise past 0.1 is mostly
+# 3709 others; counts per bin "questions / others", each count + 0.5; `speech_proof.py
+# fit-intonation` counts them again). A rise past 0.1 is mostly
 # the pitch track's error, hence its weak evidence.
 RISE_LOG_ODDS = (
     (-0.15, -3.2),  # below -0.15: 9 / 2856 (a statement's fall)
