@@ -27,7 +27,7 @@ from bench.common import Setting, machine
 from bench.train import matmul_flops_per_s, write_picture_shards
 
 RESULTS = Path(__file__).parent / "results"
-PARTS = ("text", "image", "scaling", "train", "speech")
+PARTS = ("text", "image", "scaling", "train", "speech", "conformer")
 
 
 def run_training(setting: Setting, folder: Path) -> dict:
@@ -86,9 +86,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--only: unknown part(s) {', '.join(sorted(unknown))}")
     slug = re.sub(r"[^a-z0-9]+", "-", setting.label.lower()).strip("-")
     slug += ("-quick" if args.quick else "") + ("" if args.decode_mode == "lean" else f"-{args.decode_mode}-decode")
+    here = machine(setting)
     path = args.out / f"{slug}.json"
     results = json.loads(path.read_text()) if path.is_file() else {}  # a partial run updates its parts
-    results.update({"machine": machine(setting), "quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M")})
+    if results and results["machine"]["cpu"] != here["cpu"]:  # ...of this kind of machine only
+        slug += "-" + re.sub(r"[^a-z0-9]+", "-", here["cpu"].lower()).strip("-")
+        path = args.out / f"{slug}.json"
+        results = json.loads(path.read_text()) if path.is_file() else {}
+    results.update({"machine": here, "quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M")})
     started = time.time()
     if "text" in parts:
         results["text_only"] = decode.text_only(setting)
@@ -107,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     if "speech" in parts:
         results["speech_search"] = speech.search(setting)
         report.say("character search, key/value cache vs re-reading", results["speech_search"])
+    if "conformer" in parts:
+        results["conformer_training"] = speech.conformer_training(setting)
+        report.say("Conformer training step", results["conformer_training"])
     results["seconds"] = round(time.time() - started)
     args.out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1) + "\n")

@@ -60,7 +60,8 @@ def _row(*cells) -> str:
 
 def _section(name: str, r: dict) -> list[str]:
     m = r["machine"]
-    lines = [f"## {m['label']}{' (quick run)' if r.get('quick') else ''}{_variant(name)}", "",
+    where = "" if "gpu" in m else f", {m['cpu']}"  # CPU rows of different processors sit side by side
+    lines = [f"## {m['label']}{where}{' (quick run)' if r.get('quick') else ''}{_variant(name)}", "",
              f"{m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB" + (f", {m['gpu']}" if "gpu" in m else "")
              + f"; torch {m['torch']}, transformers {m['transformers']}; {r['date']}, {r['seconds']} s.", "",
              _row("measurement", "mm", "reference", "ratio (mm faster > 1)", "target"), _row(*["---"] * 5)]
@@ -116,10 +117,19 @@ def _training_rows(r: dict) -> list[str]:
 
 
 def _speech_rows(r: dict) -> list[str]:
+    rows = []
+    if "conformer_training" in r:
+        c = r["conformer_training"]
+        rows += [_row(f"8. Conformer speech_ctc step, batch {c['batch']}: speech.dropout vs nn.Dropout (float32)",
+                      f"{c['ours']['s_per_step']:.2f} s", f"{c['reference']['s_per_step']:.2f} s",
+                      f"**{c['dropout_ratio']:.2f}**", ""),
+                 _row("8. the same step, precision bfloat16 (autocast) vs float32",
+                      f"{c['bfloat16']['s_per_step']:.2f} s", f"{c['ours']['s_per_step']:.2f} s",
+                      f"**{c['bfloat16_ratio']:.2f}**", "")]
     if "speech_search" not in r:
-        return []
+        return rows
     t = r["speech_search"]
-    return [_row(f"7. character search + punctuation with the decoder as LM, per sentence ({t['sentences']}; "
+    return rows + [_row(f"7. character search + punctuation with the decoder as LM, per sentence ({t['sentences']}; "
                  f"{'same' if t['same_transcripts'] else 'DIFFERENT'} transcripts)",
                  f"{t['ours']['s_per_sentence']:.2f} s (key/value cache)",
                  f"{t['reference']['s_per_sentence']:.2f} s (re-reading each text)", f"**{t['speed_ratio']:.2f}**", ""),

@@ -7,10 +7,15 @@ scorer without the cache: every new sequence is read from its first token, in ba
 size. Both drive `prefix_search` (and `punctuate`) over the same character log-probabilities on the
 bundled decoder and must choose the same transcripts. Side by side (`lockstep`), the searches of
 several recordings send their requests together, so the decoder is called about as often as for one.
+
+8. A training step of the proof's Conformer (configs/speech/conformer_small.yaml) with its
+character CTC head, as speech_ctc runs it: speech.dropout's masks against nn.Dropout's (the
+'before'), and the stage option `precision: bfloat16` against float32.
 """
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 import mm
 from bench.common import Setting, median, timed
@@ -105,4 +110,60 @@ def search(setting: Setting) -> dict:
     result["same_transcripts"] = texts["ours"] == texts["reference"] == texts["side_by_side"]
     result["sentences"], result["transcripts"] = len(inputs), texts["ours"]
     result["repeats"] = 1 if setting.quick else setting.repeats
+    return result
+
+
+def conformer_training(setting: Setting) -> dict:
+    """Seconds per speech_ctc step (forward, backward, AdamW) of the proof's Conformer on a batch
+    of 32 log-mel inputs of 2-3 s (random values: the step's cost does not depend on them), in
+    three variants run alternately: nn.Dropout float32 (the reference), speech.dropout float32
+    (ours), speech.dropout under bfloat16 autocast."""
+    from mm.config import from_dict, named_config_path, read_yaml
+    from mm.stages import CTCObjective, OptimConfig
+    from mm.train import make_optimizer, train_step
+    from speech import ConformerEncoder, SpeechConfig
+    from speech.dropout import Dropout
+
+    path = named_config_path("speech", "conformer_small")
+    config = from_dict(SpeechConfig, read_yaml(path), str(path))
+    g = torch.Generator().manual_seed(0)
+    batch = 8 if setting.quick else 32
+    lengths = torch.randint(200, 301, (batch,), generator=g)
+    ctc_lengths = lengths // 8
+    inputs = {"features": torch.randn(batch, 300, config.n_mels, generator=g), "lengths": lengths,
+              "ctc_targets": torch.randint(1, 38, (batch, int(ctc_lengths.max())), generator=g),
+              "ctc_lengths": ctc_lengths}
+    inputs = {k: v.to(setting.device) for k, v in inputs.items()}
+    optim = OptimConfig(lr=1e-4, warmup_steps=1, steps=1000)
+
+    def variant(plain_dropout: bool, precision: str):
+        torch.manual_seed(0)
+        objective = CTCObjective(ConformerEncoder(config)).to(setting.device).train()
+        if plain_dropout:
+            for module in list(objective.modules()):
+                for name, child in module.named_children():
+                    if isinstance(child, Dropout):
+                        setattr(module, name, nn.Dropout(child.p))
+        params = {n: p for n, p in objective.named_parameters()}
+        optimizer = make_optimizer(params, optim)
+        state = {"step": 0}
+
+        def step():
+            train_step(objective, optimizer, params, inputs, state["step"], optim, precision)
+            state["step"] += 1
+        return step
+
+    runs = {"reference": variant(True, "float32"), "ours": variant(False, "float32"),
+            "bfloat16": variant(False, "bfloat16")}
+    for run in runs.values():  # warm-up
+        run()
+    times = {side: [] for side in runs}
+    for _ in range(2 if setting.quick else 3 * setting.repeats):
+        for side, run in runs.items():
+            times[side].append(timed(run, setting.device))
+    result = {side: {"s_per_step": median(t)} for side, t in times.items()}
+    result["dropout_ratio"] = result["reference"]["s_per_step"] / result["ours"]["s_per_step"]
+    result["bfloat16_ratio"] = result["ours"]["s_per_step"] / result["bfloat16"]["s_per_step"]
+    result["total_ratio"] = result["reference"]["s_per_step"] / result["bfloat16"]["s_per_step"]
+    result["batch"], result["steps_timed"] = batch, len(times["ours"])
     return result

@@ -1,11 +1,13 @@
-"""Training throughput, memory, data supply and FLOP utilisation of image_pretrain.
+"""Training throughput, memory, data supply and FLOP utilisation of a stage.
 
 Each variant runs in its own process (peak resident memory is per process):
 
-    python -m bench.train --shards DIR --batch 16 [--trainable-decoder] [--data]
+    python -m bench.train --shards DIR --batch 16 [--trainable-decoder] [--data] [--precision bfloat16]
+    python -m bench.train --stage configs/stages/espeak_speech_ctc_masked.yaml --shards data/speech/shards/asr_train
 
-prints one JSON line. The step is mm.train.train_step on the image_pretrain stage of
-configs/stages/image_pretrain.yaml, built fresh (no init) on picture-caption shards. With
+prints one JSON line. The step is mm.train.train_step on the stage (default: image_pretrain of
+configs/stages/image_pretrain.yaml), built fresh (no init) on the given shards, at the given
+precision (bfloat16: the forward under autocast, as the stage option `precision` does). With
 --trainable-decoder the same model also trains every decoder parameter (the comparison the
 frozen decoder is measured against; the project itself never trains the decoder).
 """
@@ -47,10 +49,11 @@ def write_picture_shards(folder: Path, n: int, size: int, seed: int = 0) -> Path
     return shards
 
 
-def stage(shards: Path, batch: int, workers: int):
-    return load_stage_config(CONFIG_DIR / "stages" / "image_pretrain.yaml", [
+def stage(shards: Path, batch: int, workers: int, config: Path = CONFIG_DIR / "stages" / "image_pretrain.yaml",
+          precision: str = "float32"):
+    return load_stage_config(config, [
         "init=null", f"data.shards=[{shards}]", f"data.batch_size={batch}", f"data.workers={workers}",
-        "data.shuffle_buffer=64", "optim.warmup_steps=1", "output=/nonexistent"])
+        "data.shuffle_buffer=64", "optim.warmup_steps=1", "output=/nonexistent", f"precision={precision}"])
 
 
 def data_rate(task: Task, cfg, batches: int) -> dict:
@@ -71,7 +74,7 @@ def data_rate(task: Task, cfg, batches: int) -> dict:
 def measure(args) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
-    cfg = stage(Path(args.shards), args.batch, args.workers)
+    cfg = stage(Path(args.shards), args.batch, args.workers, Path(args.stage), args.precision)
     task = Task(cfg)
     params = dict(task.trainable)
     if args.trainable_decoder:
@@ -80,7 +83,8 @@ def measure(args) -> dict:
             params[f"decoder.{name}"] = p
     objective = task.objective.to(device).train()
     optimizer = make_optimizer(params, cfg.optim)
-    out = {"trainable_decoder": args.trainable_decoder, "batch_size": args.batch,
+    out = {"stage": cfg.stage, "precision": cfg.precision, "trainable_decoder": args.trainable_decoder,
+           "batch_size": args.batch,
            "trainable_params": sum(p.numel() for p in params.values())}
     if args.data:
         out["data_images_per_s"] = data_rate(task, cfg, args.data_batches)
@@ -92,7 +96,7 @@ def measure(args) -> dict:
     for step in range(args.warmup + args.steps):
         sync(device)
         t0 = time.perf_counter()
-        train_step(objective, optimizer, params, batch, step, cfg.optim)
+        train_step(objective, optimizer, params, batch, step, cfg.optim, cfg.precision)
         sync(device)
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
@@ -100,7 +104,8 @@ def measure(args) -> dict:
     out["samples_per_s"] = args.batch / out["step_s"]
     out["peak_memory_mb"] = peak_memory_mb(device)
     if args.flops:
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False) as counter, \
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bfloat16"):
             loss, _ = objective(**batch)
             loss.backward()
         optimizer.zero_grad(set_to_none=True)
@@ -127,6 +132,9 @@ def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, n: int = 2048, 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", required=True)
+    parser.add_argument("--stage", default=str(CONFIG_DIR / "stages" / "image_pretrain.yaml"),
+                        help="the stage config to time (init is ignored: a fresh model)")
+    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="cpu")

@@ -300,12 +300,17 @@ def init_distributed() -> torch.device:
     return torch.device("cpu")
 
 
-def train_step(objective, optimizer, params: dict[str, torch.nn.Parameter], batch: dict, step: int, cfg) -> tuple:
-    """One optimizer step at the scheduled learning rate -> (loss to log, gradient norm)."""
+def train_step(objective, optimizer, params: dict[str, torch.nn.Parameter], batch: dict, step: int, cfg,
+               precision: str = "float32") -> tuple:
+    """One optimizer step at the scheduled learning rate -> (loss to log, gradient norm).
+    precision "bfloat16": the forward pass under bfloat16 autocast (no loss scaling: bfloat16 has
+    float32's range); the backward pass follows it, the optimizer works on the float32 weights."""
     factor = lr_factor(step, cfg)
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * factor
-    loss, logged = objective(**batch)
+    device_type = next(iter(params.values()), torch.empty(0)).device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+        loss, logged = objective(**batch)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
     optimizer.step()
@@ -345,7 +350,7 @@ def train(cfg: StageConfig) -> Path:
         t0 = time.time()
         lr = cfg.optim.lr * lr_factor(progress.step, cfg.optim)
         logged, grad_norm = train_step(objective, optimizer, params, to_tensor_dict(batch, device), progress.step,
-                                       cfg.optim)
+                                       cfg.optim, cfg.precision)
         n = int(all_reduce_sum(torch.tensor(batch["examples"])))
         progress.step, progress.batches = progress.step + 1, batch["batch_index"] + 1
         progress.skipped += int(all_reduce_sum(torch.tensor(batch["skipped"])))

@@ -55,7 +55,9 @@ class RandomProjectionQuantizer(nn.Module):
         self.register_buffer("codebooks", codebooks, persistent=False)
 
     @torch.no_grad()
-    def forward(self, stacked: Tensor) -> Tensor:
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
+    def forward(self, stacked: Tensor) -> Tensor:  # float32 under autocast: the targets don't move
         z = F.normalize(stacked.float() @ self.projection, dim=-1)  # [b, L, dim]
         return torch.stack([(z @ book.T).argmax(-1) for book in self.codebooks], dim=-1)  # one book at a time
 

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from speech.dropout import Dropout
+
 
 CHARACTERS = " abcdefghijklmnopqrstuvwxyz0123456789'"  # the character head's classes, index + 1; 0 is the blank
 
@@ -157,8 +159,8 @@ class RotarySelfAttention(nn.Module):
 
 class FeedForward(nn.Sequential):
     def __init__(self, width: int, hidden: int, dropout: float) -> None:
-        super().__init__(nn.LayerNorm(width), nn.Linear(width, hidden), nn.SiLU(), nn.Dropout(dropout),
-                         nn.Linear(hidden, width), nn.Dropout(dropout))
+        super().__init__(nn.LayerNorm(width), nn.Linear(width, hidden), nn.SiLU(), Dropout(dropout),
+                         nn.Linear(hidden, width), Dropout(dropout))
 
 
 class ConvModule(nn.Module):
@@ -171,7 +173,7 @@ class ConvModule(nn.Module):
         self.depthwise = nn.Conv1d(width, width, kernel, padding=kernel // 2, groups=width)
         self.depthwise_norm = nn.LayerNorm(width)
         self.pointwise_out = nn.Linear(width, width)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         h = F.glu(self.pointwise_in(self.norm(x)), dim=-1) * mask[..., None]
@@ -185,7 +187,7 @@ class ConformerLayer(nn.Module):
         self.ffn1 = FeedForward(c.width, c.ffn_dim, c.dropout)
         self.attn_norm = nn.LayerNorm(c.width)
         self.attn = RotarySelfAttention(c.width, c.heads, c.rope_theta, c.dropout)
-        self.attn_dropout = nn.Dropout(c.dropout)
+        self.attn_dropout = Dropout(c.dropout)
         self.conv = ConvModule(c.width, c.conv_kernel, c.dropout)
         self.ffn2 = FeedForward(c.width, c.ffn_dim, c.dropout)
         self.norm = nn.LayerNorm(c.width)

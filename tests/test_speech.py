@@ -82,6 +82,8 @@ def test_bestrq_targets_are_frozen_and_the_loss_is_on_masked_frames_only():
     x = torch.randn(3, 120, 80)
     stacked, _ = objective.encoder.stack(x, torch.tensor([120, 120, 120]))
     assert torch.equal(objective.quantizer(stacked), again.quantizer(stacked))  # same targets everywhere
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # precision: bfloat16 does not move the targets
+        assert torch.equal(objective.quantizer(stacked), again.quantizer(stacked))
     assert objective.quantizer(stacked).shape == (3, 30, 4)
 
     lengths = torch.tensor([400, 200, 37])
@@ -99,6 +101,30 @@ def test_bestrq_targets_are_frozen_and_the_loss_is_on_masked_frames_only():
     assert torch.isfinite(loss) and abs(float(logged) - np.log(64)) < 1.5  # near chance at init
     loss.backward()
     assert objective.heads.weight.grad.abs().sum() > 0 and objective.encoder.input_proj.weight.grad.abs().sum() > 0
+
+
+def test_dropout_mask_rate_scaling_gradient_and_seed():
+    from speech.dropout import Dropout, drop_mask
+
+    for p in (0.1, 0.5):
+        mask = drop_mask(torch.Size([4, 250_001]), p, torch.device("cpu"))
+        assert mask.dtype == torch.bool and mask.shape == (4, 250_001)
+        lanes = mask.flatten()[:1_000_000].view(-1, 4).float().mean(0)  # each 16-bit lane of a word
+        assert torch.allclose(lanes, torch.full((4,), p), atol=0.005), lanes
+    layer = Dropout(0.25)
+    x = torch.randn(64, 300, requires_grad=True)
+    torch.manual_seed(3)
+    y = layer(x)
+    torch.manual_seed(3)
+    assert torch.equal(layer(x), y)  # the global generator decides the mask
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.01
+    assert torch.allclose(y[kept], x[kept] / 0.75)
+    y.backward(torch.ones_like(y))
+    assert torch.allclose(x.grad, kept.float() / 0.75)  # the gradient flows through kept elements only
+    layer.eval()
+    assert layer(x) is x
+    assert Dropout(0.0)(x) is x
 
 
 # ---- the composite model -------------------------------------------------------------------------------
@@ -346,6 +372,26 @@ def test_talk_errors_are_one_line(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "espeak-ng is not installed" in err and err.count("\n") == 1
     assert not (tmp_path / "r.wav").exists()
+
+
+def test_bfloat16_training_follows_float32_and_keeps_float32_weights(speech_shards, tmp_path):
+    """precision: bfloat16 runs the forward under autocast: the same first loss to bfloat16's
+    rounding, a falling curve, float32 weights saved, the decoder untouched."""
+    from safetensors.torch import load_file
+
+    before = mm.load("tiny").decoder_sha256()
+    runs = {}
+    for precision in ("float32", "bfloat16"):
+        cfg = stage_config(tmp_path / precision, "speech_sft", [speech_shards / "asr", speech_shards / "dialogue"], [
+            "init=null", "optim.steps=30", "optim.warmup_steps=3", "optim.lr=3e-3", f"precision={precision}"])
+        runs[precision] = (train(cfg), [m["loss"] for m in metrics(tmp_path / precision / "speech_sft")])
+    (_, full), (final, half) = runs["float32"], runs["bfloat16"]
+    assert abs(half[0] - full[0]) < 0.02 * full[0], (half[0], full[0])  # same model, same batch
+    assert np.mean(half[-5:]) < np.mean(half[:5]) - 0.5, half
+    assert {t.dtype for t in load_file(final / "adapters.safetensors").values()} == {torch.float32}
+    assert mm.load(final).decoder_sha256() == before
+    with pytest.raises(Exception, match="precision 'float16'"):
+        stage_config(tmp_path, "speech_sft", [speech_shards / "asr"], ["precision=float16"])
 
 
 def test_speech_ctc_stage_and_size_grouped_batches(speech_shards, tmp_path):
