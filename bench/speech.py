@@ -115,7 +115,7 @@ def search(setting: Setting) -> dict:
 
 def conformer_training(setting: Setting) -> dict:
     """Seconds per speech_ctc step (forward, backward, AdamW) of the proof's Conformer on a batch
-    of 32 log-mel inputs of 2-3 s (random values: the step's cost does not depend on them), in
+    of 32 (8 quick) log-mel inputs of 2-3 s (random values: the step's cost does not depend on them), in
     three variants run alternately: nn.Dropout float32 (the reference), speech.dropout float32
     (ours), speech.dropout under bfloat16 autocast."""
     from mm.config import from_dict, named_config_path, read_yaml
