@@ -1,10 +1,13 @@
 """The speech proof: real synthesized speech (espeak-ng) through speech_ssl, then speech_ctc ->
-speech_sft -> speech_ctc_masked -> speech_sft_masked (the last two go on with SpecAugment masking)
-with the bundled SmolLM2-135M-Instruct frozen, then word error rate and spoken-dialogue agreement.
+speech_ctc_masked (the Conformer's character CTC, the second stage on SpecAugment-masked
+recordings) -> speech_sft (the adapter, fitted once to the final Conformer), with the bundled
+SmolLM2-135M-Instruct frozen, then word error rate and spoken-dialogue agreement.
 
     python scripts/speech_proof.py data    # the corpus (scripts/speech_corpus.py) -> data/speech/
     python scripts/speech_proof.py train   # the stages (configs/stages/espeak_speech_*.yaml)
     python scripts/speech_proof.py eval    # held-out figures -> docs/results/speech.json
+    python scripts/speech_proof.py eval-conformer   # before speech_sft: the figures that only the
+                                           # Conformer decides -> docs/results/speech_conformer.json
     python scripts/speech_proof.py eval-dialogue   # only the dialogue figures again, in place
     python scripts/speech_proof.py dev [W ...]   # dev WER of the decoder transcription per CTC weight
     python scripts/speech_proof.py dev-lm [A,B ...]   # dev WER of the character search per LM weight, word bonus
@@ -46,7 +49,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 DATA = ROOT / "data" / "speech"
 RUN = ROOT / "runs" / "speech"
-STAGES = ["speech_ssl", "speech_ctc", "speech_sft", "speech_ctc_masked", "speech_sft_masked"]
+STAGES = ["speech_ssl", "speech_ctc", "speech_ctc_masked", "speech_sft"]
+CONFORMER_STAGES = STAGES[:3]  # the transcripts (model.transcribe, the dialogue's) are theirs alone
 FINAL = RUN / STAGES[-1] / "final"
 
 
@@ -90,8 +94,9 @@ def replies(model, items: list[dict], max_new_tokens: int, batch_size: int = 16)
     return out
 
 
-def dialogue(model, max_new_tokens: int) -> dict:
-    """Spoken-dialogue figures of held-out questions, as configured and by the speech's embeddings."""
+def dialogue(model, max_new_tokens: int, model_dir: Path = FINAL, adapter: bool = True) -> dict:
+    """Spoken-dialogue figures of held-out questions, as configured and (with `adapter`) by the
+    speech's embeddings."""
     import mm
 
     results = replies(model, rows("dialogue_heldout"), max_new_tokens)
@@ -102,7 +107,8 @@ def dialogue(model, max_new_tokens: int) -> dict:
     if figures["dialogue_method"] == "transcript":
         figures["dialogue_transcripts_exact"] = round(
             sum(r["heard"] == r["question"] for r in results) / max(1, len(results)), 4)
-        embedded = mm.load(FINAL, overrides=["speech.dialogue=embeddings"])
+    if figures["dialogue_method"] == "transcript" and adapter:
+        embedded = mm.load(model_dir, overrides=["speech.dialogue=embeddings"])
         figures["dialogue_agreement_embeddings"] = round(
             sum(r["same"] for r in replies(embedded, rows("dialogue_heldout"), max_new_tokens)) / max(1, len(results)), 4)
     return figures
@@ -159,7 +165,9 @@ def wer(results: list[dict]) -> float:
     return round(sum(r["errors"] for r in results) / max(1, sum(r["words"] for r in results)), 4)
 
 
-def evaluate(model_dir: Path) -> dict:
+def evaluate(model_dir: Path, adapter: bool = True) -> dict:
+    """The held-out figures of a model; without `adapter`, only those that its Conformer decides
+    (the character search's transcripts, the character head, dialogue through transcripts)."""
     import mm
 
     corpus = json.loads((DATA / "corpus.json").read_text())
@@ -174,19 +182,19 @@ def evaluate(model_dir: Path) -> dict:
         (RUN / f"{name}_transcripts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
         figures[key] = wer(results)
         figures[f"{key}_utterances"] = len(results)
-        if figures["method"] == "characters":
+        if figures["method"] == "characters" and adapter:
             figures[f"{key}_decoder"] = wer(transcripts(model, rows(name), method="decoder"))
-        if model.config.speech.adapter.tokens:
+        if model.config.speech.adapter.tokens and adapter:
             figures[f"{key}_decoder_alone"] = wer(transcripts(model, rows(name), ctc_weight=0.0, method="decoder"))
         heard = ctc_transcripts(model, rows(name))
         if heard is not None:
             figures[f"{key}_ctc_head"] = wer(heard)
-        heard = token_transcripts(model, rows(name))
+        heard = token_transcripts(model, rows(name)) if adapter else None
         if heard is not None:
             figures[f"{key}_token_head"] = wer(heard)
         for voice in sorted({r["voice"] for r in results if r["voice"]}):
             figures[f"{key}[{voice}]"] = wer([r for r in results if r["voice"] == voice])
-    figures |= dialogue(model, corpus.get("max_new_tokens", 24))
+    figures |= dialogue(model, corpus.get("max_new_tokens", 24), model_dir, adapter)
     figures["eval_seconds"] = round(time.time() - start, 1)
     return figures
 
@@ -253,6 +261,18 @@ def report_dialogue() -> dict:
     return write_results("speech", {k: v for k, v in result.items() if k != "machine"})
 
 
+def report_conformer() -> dict:
+    """Before speech_sft: the figures that speech_ctc_masked's Conformer decides."""
+    from digits import write_results
+    from mm.train import run_summary
+
+    model = RUN / CONFORMER_STAGES[-1] / "final"
+    return write_results("speech_conformer", {
+        "model": str(model.relative_to(ROOT)), "heldout": evaluate(model, adapter=False),
+        "training": {stage: run_summary(RUN / stage) for stage in CONFORMER_STAGES if (RUN / stage).is_dir()},
+        "corpus": json.loads((DATA / "corpus.json").read_text())})
+
+
 def report() -> dict:
     from digits import write_results
     from mm.train import run_summary
@@ -264,7 +284,7 @@ def report() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=["data", "train", "eval", "eval-dialogue", "dev", "dev-lm", "fit-intonation",
+    parser.add_argument("step", choices=["data", "train", "eval", "eval-conformer", "eval-dialogue", "dev", "dev-lm", "fit-intonation",
                                            "all"])
     parser.add_argument("overrides", nargs="*", help="key=value for every stage (dev: CTC weights; dev-lm: A,B pairs or key=value;... settings)")
     args = parser.parse_args()
@@ -287,6 +307,8 @@ def main() -> None:
         print(json.dumps({"rise_log_odds": fit_intonation()}, indent=1))
     if args.step in ("eval", "all"):
         print(json.dumps(report(), indent=2))
+    if args.step == "eval-conformer":
+        print(json.dumps(report_conformer()["heldout"], indent=2))
     if args.step == "eval-dialogue":
         print(json.dumps(report_dialogue()["heldout"], indent=2))
 
