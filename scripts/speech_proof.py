@@ -12,6 +12,8 @@ SmolLM2-135M-Instruct frozen, then word error rate and spoken-dialogue agreement
     python scripts/speech_proof.py dev [W ...]   # dev WER of the decoder transcription per CTC weight
     python scripts/speech_proof.py dev-lm [A,B ...]   # dev WER of the character search per LM weight, word bonus
     python scripts/speech_proof.py dev-lm "beam=32;unknown_word=15" ...   # or per any transcriber setting
+    python scripts/speech_proof.py heads --model runs/speech/speech_ctc/final   # greedy character
+                                           # head WER on 200 training sentences, dev, held-out, held-out voices
     python scripts/speech_proof.py fit-intonation   # the counts behind speech/intonation.py's RISE_LOG_ODDS
     python scripts/speech_proof.py all
 
@@ -229,6 +231,23 @@ def dev_lm_sweep(model_dir: Path, settings: list[str]) -> dict:
     return out
 
 
+def head_sweep(model_dir: Path) -> dict:
+    """Greedy WER of the Conformer's character head (no language model) on the first 200
+    training sentences, the dev sentences and both held-out sets: how far a Conformer has come,
+    in a minute, at any checkpoint."""
+    import mm
+
+    model = mm.load(model_dir)
+    out = {}
+    for name, items in (("train_200", rows("asr_train")[:200]), ("dev", rows("asr_dev")),
+                        ("heldout", rows("asr_heldout")), ("heldout_voices", rows("asr_heldout_voices"))):
+        heard = ctc_transcripts(model, items)
+        if heard is None:
+            raise SystemExit(f"error: {model_dir}: no stage of this model trained the character head")
+        out[name] = wer(heard)
+    return out
+
+
 def fit_intonation(utterances: int = 4000) -> dict:
     """The counts behind speech/intonation.py's RISE_LOG_ODDS: per bin of final rise, the first
     `utterances` of asr_train that end in "?" and the others, and the log likelihood ratio."""
@@ -284,8 +303,10 @@ def report() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=["data", "train", "eval", "eval-conformer", "eval-dialogue", "dev", "dev-lm", "fit-intonation",
-                                           "all"])
+    parser.add_argument("step", choices=["data", "train", "eval", "eval-conformer", "eval-dialogue", "dev", "dev-lm",
+                                         "heads", "fit-intonation", "all"])
+    parser.add_argument("--model", type=Path, default=FINAL,
+                        help=f"the model of dev, dev-lm and heads (default {FINAL.relative_to(ROOT)})")
     parser.add_argument("overrides", nargs="*", help="key=value for every stage (dev: CTC weights; dev-lm: A,B pairs or key=value;... settings)")
     args = parser.parse_args()
     if args.step in ("data", "all"):
@@ -300,9 +321,11 @@ def main() -> None:
         print(json.dumps({"stage_seconds": seconds}))
     if args.step == "dev":
         weights = [float(w) for w in args.overrides] or [0.0, 0.3, 0.5, 0.7, 0.9]
-        print(json.dumps({"dev_wer_by_ctc_weight": dev_sweep(FINAL, weights)}))
+        print(json.dumps({"dev_wer_by_ctc_weight": dev_sweep(args.model, weights)}))
     if args.step == "dev-lm":
-        print(json.dumps({"dev_wer_by_transcriber_setting": dev_lm_sweep(FINAL, args.overrides or ["0.5,2"])}))
+        print(json.dumps({"dev_wer_by_transcriber_setting": dev_lm_sweep(args.model, args.overrides or ["0.5,2"])}))
+    if args.step == "heads":
+        print(json.dumps({"character_head_greedy_wer": head_sweep(args.model)}))
     if args.step == "fit-intonation":
         print(json.dumps({"rise_log_odds": fit_intonation()}, indent=1))
     if args.step in ("eval", "all"):
