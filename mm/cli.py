@@ -60,12 +60,8 @@ def cmd_talk(args: argparse.Namespace) -> int:
     if args.speak and speaker_problem():
         raise mm.InputError(args.speak, speaker_problem())
     model = mm.load(args.model, force=args.force)
-    transcript = model.transcribe(args.audio, language=args.language)
-    print(f"you said: {transcript}", flush=True)
-    if transcript and model.dialogue_method() == "transcript":  # the reply to it as typed (speech.dialogue)
-        reply = model.generate(transcript, max_new_tokens=args.max_new_tokens)
-    else:
-        reply = model.generate("", audio=args.audio, max_new_tokens=args.max_new_tokens)
+    transcript, reply = model.respond(args.audio, args.language, max_new_tokens=args.max_new_tokens)
+    print(f"you said: {transcript}")
     print(f"reply: {reply}")
     if args.speak:
         speak(reply, args.speak, voice=args.voice)

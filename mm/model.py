@@ -554,14 +554,33 @@ class MultimodalModel(nn.Module):
         audios = audio if audio is not None else [None for _ in prompt]
         if len(audios) == len(prompt):
             prompt, audios = self.heard(prompt, audios)
-        if not len(per_row) == len(videos) == len(audios) == len(prompt):
+        return self._answer(list(prompt), per_row, videos, audios, max_new_tokens,
+                            Sampler(temperature, top_k, top_p, seed), system)
+
+    def respond(self, audio, language: str = "English", *, max_new_tokens: int = 64, temperature: float = 0.0,
+                top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                system: str | None = None) -> tuple[str, str] | list[tuple[str, str]]:
+        """Spoken dialogue with what was heard kept: one recording -> (transcript, reply), a list
+        -> a list of them. The reply is generate("", audio=...)'s, each recording transcribed once."""
+        single = not isinstance(audio, list)
+        audios = [audio] if single else list(audio)
+        transcripts = self.transcribe(audios, language=language) if audios else []
+        prompts, audios = self.heard([""] * len(audios), audios, transcripts)
+        replies = self._answer(prompts, [[] for _ in audios], [None] * len(audios), audios, max_new_tokens,
+                               Sampler(temperature, top_k, top_p, seed), system)
+        pairs = list(zip(transcripts, replies))
+        return pairs[0] if single else pairs
+
+    def _answer(self, prompts: list[str], per_row: list, videos: list, audios: list, max_new_tokens: int,
+                sampler: Sampler, system: str | None) -> list[str]:
+        """generate's batch, its spoken rows already `heard`."""
+        if not len(per_row) == len(videos) == len(audios) == len(prompts):
             raise InputError("images", f"{len(per_row)} image lists, {len(videos)} videos and {len(audios)} "
-                                       f"recordings for {len(prompt)} prompts")
+                                       f"recordings for {len(prompts)} prompts")
         conversations = [self.user_messages(p, list(i or []), system, [v] if v is not None else [],
                                             [a] if a is not None else [])
-                         for p, i, v, a in zip(prompt, per_row, videos, audios)]
-        return self._complete(self.prepare(conversations, max_new_tokens), max_new_tokens,
-                              Sampler(temperature, top_k, top_p, seed))
+                         for p, i, v, a in zip(prompts, per_row, videos, audios)]
+        return self._complete(self.prepare(conversations, max_new_tokens), max_new_tokens, sampler)
 
     def transcribe(self, audio, language: str = "English", *, max_new_tokens: int | None = None,
                    ctc_weight: float | None = None, method: str | None = None) -> str | list[str]:
@@ -654,15 +673,18 @@ class MultimodalModel(nn.Module):
             return "transcript" if self.transcription_method() == "characters" else "embeddings"
         return method
 
-    def heard(self, prompts: list[str], audios: list) -> tuple[list[str], list]:
+    def heard(self, prompts: list[str], audios: list,
+              transcripts: list[str] | None = None) -> tuple[list[str], list]:
         """Spoken dialogue through transcripts: each row with a recording and an empty prompt becomes
         the transcript as typed text, without the recording, when dialogue_method() is transcript.
-        A recording in which nothing was made out stays, for the reply to the speech itself."""
+        A recording in which nothing was made out stays, for the reply to the speech itself.
+        transcripts: every row's, when already made (otherwise the spoken rows are transcribed)."""
         rows = [r for r, (p, a) in enumerate(zip(prompts, audios)) if a is not None and p == ""]
         if not rows or self.dialogue_method() != "transcript":
             return list(prompts), list(audios)
         prompts, audios = list(prompts), list(audios)
-        for r, text in zip(rows, self.transcribe([audios[r] for r in rows])):
+        made = [transcripts[r] for r in rows] if transcripts is not None else self.transcribe([audios[r] for r in rows])
+        for r, text in zip(rows, made):
             if text:
                 prompts[r], audios[r] = text, None
         return prompts, audios

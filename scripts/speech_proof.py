@@ -83,14 +83,13 @@ def transcripts(model, items: list[dict], batch_size: int = 16, ctc_weight: floa
 
 
 def replies(model, items: list[dict], max_new_tokens: int, batch_size: int = 16) -> list[dict]:
-    """The reply to each spoken question, as model.generate("", audio=...) gives it: with
-    speech.dialogue transcript, to the transcript (`heard`), which is kept."""
+    """The reply to each spoken question, as model.generate("", audio=...) gives it, with what was
+    heard (model.respond)."""
     out = []
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
-        prompts, audios = model.heard([""] * len(chunk), [audio_path(r) for r in chunk])
-        said = model.generate(prompts, audio=audios, max_new_tokens=max_new_tokens)
-        for r, heard, reply in zip(chunk, prompts, said):
+        for r, (heard, reply) in zip(chunk, model.respond([audio_path(r) for r in chunk],
+                                                          max_new_tokens=max_new_tokens)):
             out.append({"audio": r["audio"], "question": r["question"], "heard": heard, "expected": r["answer"],
                         "reply": reply, "same": reply.strip() == r["answer"].strip()})
     return out
@@ -111,8 +110,10 @@ def dialogue(model, max_new_tokens: int, model_dir: Path = FINAL, adapter: bool 
             sum(r["heard"] == r["question"] for r in results) / max(1, len(results)), 4)
     if figures["dialogue_method"] == "transcript" and adapter:
         embedded = mm.load(model_dir, overrides=["speech.dialogue=embeddings"])
+        said = [reply for i in range(0, len(results), 16) for reply in embedded.generate(
+            [""] * len(results[i:i + 16]), audio=[audio_path(r) for r in results[i:i + 16]], max_new_tokens=max_new_tokens)]
         figures["dialogue_agreement_embeddings"] = round(
-            sum(r["same"] for r in replies(embedded, rows("dialogue_heldout"), max_new_tokens)) / max(1, len(results)), 4)
+            sum(reply.strip() == r["expected"].strip() for r, reply in zip(results, said)) / max(1, len(results)), 4)
     return figures
 
 

@@ -489,5 +489,15 @@ def test_speech_ctc_stage_and_size_grouped_batches(speech_shards, tmp_path):
         model.generate(said["text"], max_new_tokens=4), embedded.generate("Say it.", audio=recording, max_new_tokens=4)]
     said["text"] = ""  # nothing made out: the reply is to the speech itself
     assert model.generate("", audio=recording, max_new_tokens=4) == by_speech
+
+    # respond keeps what was heard beside the reply, each recording transcribed once
+    calls = []
+    model.transcribe = lambda audio, *a, **k: calls.append(audio) or (
+        [said["text"]] * len(audio) if isinstance(audio, list) else said["text"])
+    assert model.respond(recording, max_new_tokens=4) == ("", by_speech) and len(calls) == 1
+    said["text"] = "Where can I sign up?"
+    assert model.respond([recording, recording], max_new_tokens=4) == [
+        (said["text"], model.generate(said["text"], max_new_tokens=4))] * 2 and len(calls) == 2
+    assert embedded.respond(recording, max_new_tokens=4) == (embedded.transcribe(recording), by_speech)
     with pytest.raises(mm.ConfigError, match="dialogue 'typed'"):
         mm.load("tiny", overrides=["speech.dialogue=typed"])
