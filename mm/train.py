@@ -76,6 +76,12 @@ class Task:
             # the Conformer's character head trains only where a CTC loss reads it
             for name in [n for n in self.trainable if n.startswith("encoders.audio.ctc_head.")]:
                 self.trainable.pop(name).requires_grad_(False)
+        elif "encoders.audio.ctc_head.weight" in self.trainable and not self.model.encoders["audio"].has_ctc_head():
+            # a head trained from nothing starts at nn.Linear's initialisation, not at the zeros
+            # that mark it untrained: from zeros the encoder gets no gradient at the first step,
+            # and speech_ctc stayed on CTC's blank-only plateau (loss 2.9 after 250 steps, 1.1
+            # from nn.Linear's initialisation; README, Speech)
+            self.model.encoders["audio"].ctc_head.reset_parameters()
         if cfg.loss in ("bestrq", "ctc"):
             if cfg.loss == "bestrq":
                 self.objective = BestRQ(self.model.encoders["audio"], cfg.bestrq)

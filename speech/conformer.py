@@ -9,7 +9,8 @@
 The encoder also carries a linear character head (`ctc_head`, CTC over CHARACTERS with blank 0),
 trained by speech_ctc and saved with the encoder: it spells what the encoder hears, and
 transcription can read it with the decoder as the language model (speech/lm_beam.py). It starts
-at zero, so a head that no stage trained is all zeros and known to be untrained.
+at zero, so a head that no stage trained is all zeros and known to be untrained; a stage that
+trains it from nothing first gives it nn.Linear's initialisation (mm/train.py, Task).
 
 Padded frames of a batch never influence real ones: attention masks them as keys, and the
 convolution sees zeros there (its input is zeroed at padding before the depthwise conv). The

@@ -459,6 +459,18 @@ def test_speech_ctc_stage_and_size_grouped_batches(speech_shards, tmp_path):
     assert not any(k.startswith("encoders.audio.ctc_head.") for k in plain.trainable)
     assert not plain.model.encoders["audio"].ctc_head.weight.requires_grad
 
+    # a head trained from nothing starts at nn.Linear's initialisation: at the zeros that mark it
+    # untrained the encoder would get no gradient at all
+    fresh = Task(stage_config(tmp_path, "speech_ctc", [speech_shards / "asr"], ["init=null"]))
+    encoder = fresh.model.encoders["audio"]
+    assert encoder.has_ctc_head() and "encoders.audio.ctc_head.weight" in fresh.trainable
+    for zeroed in (False, True):
+        if zeroed:
+            torch.nn.init.zeros_(encoder.ctc_head.weight)
+        encoder.zero_grad()
+        fresh.objective(**collate_speech([fresh.decode(sample)]))[0].backward()
+        assert (encoder.input_proj.weight.grad.abs().sum() > 0) != zeroed
+
     # transcription reads a trained head with the decoder as language model ("auto"), or the
     # decoder when asked; "characters" is refused where no stage trained the head
     recording = str(speech_shards.parent / "0.flac")
