@@ -80,7 +80,7 @@ class Task:
             # a head trained from nothing starts at nn.Linear's initialisation, not at the zeros
             # that mark it untrained: from zeros the encoder gets no gradient at the first step,
             # and speech_ctc stayed on CTC's blank-only plateau (loss 2.9 after 250 steps, 1.1
-            # from nn.Linear's initialisation; README, Speech)
+            # from nn.Linear's initialisation; README, Training: precision)
             self.model.encoders["audio"].ctc_head.reset_parameters()
         if cfg.loss in ("bestrq", "ctc"):
             if cfg.loss == "bestrq":

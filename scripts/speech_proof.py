@@ -281,12 +281,13 @@ def report_dialogue() -> dict:
     return write_results("speech", {k: v for k, v in result.items() if k != "machine"})
 
 
-def report_conformer() -> dict:
-    """Before speech_sft: the figures that speech_ctc_masked's Conformer decides."""
+def report_conformer(model: Path | None = None) -> dict:
+    """Before speech_sft: the figures that a Conformer stage's model (default speech_ctc_masked's)
+    decides."""
     from digits import write_results
     from mm.train import run_summary
 
-    model = RUN / CONFORMER_STAGES[-1] / "final"
+    model = (model or RUN / CONFORMER_STAGES[-1] / "final").resolve()
     return write_results("speech_conformer", {
         "model": str(model.relative_to(ROOT)), "heldout": evaluate(model, adapter=False),
         "training": {stage: run_summary(RUN / stage) for stage in CONFORMER_STAGES if (RUN / stage).is_dir()},
@@ -306,8 +307,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("step", choices=["data", "train", "eval", "eval-conformer", "eval-dialogue", "dev", "dev-lm",
                                          "heads", "fit-intonation", "all"])
-    parser.add_argument("--model", type=Path, default=FINAL,
-                        help=f"the model of dev, dev-lm and heads (default {FINAL.relative_to(ROOT)})")
+    parser.add_argument("--model", type=Path, help=f"the model of dev, dev-lm and heads (default "
+                        f"{FINAL.relative_to(ROOT)}) and of eval-conformer (default {CONFORMER_STAGES[-1]}'s)")
     parser.add_argument("overrides", nargs="*", help="key=value for every stage (dev: CTC weights; dev-lm: A,B pairs or key=value;... settings)")
     args = parser.parse_args()
     if args.step in ("data", "all"):
@@ -322,17 +323,17 @@ def main() -> None:
         print(json.dumps({"stage_seconds": seconds}))
     if args.step == "dev":
         weights = [float(w) for w in args.overrides] or [0.0, 0.3, 0.5, 0.7, 0.9]
-        print(json.dumps({"dev_wer_by_ctc_weight": dev_sweep(args.model, weights)}))
+        print(json.dumps({"dev_wer_by_ctc_weight": dev_sweep(args.model or FINAL, weights)}))
     if args.step == "dev-lm":
-        print(json.dumps({"dev_wer_by_transcriber_setting": dev_lm_sweep(args.model, args.overrides or ["0.5,2"])}))
+        print(json.dumps({"dev_wer_by_transcriber_setting": dev_lm_sweep(args.model or FINAL, args.overrides or ["0.5,2"])}))
     if args.step == "heads":
-        print(json.dumps({"character_head_greedy_wer": head_sweep(args.model)}))
+        print(json.dumps({"character_head_greedy_wer": head_sweep(args.model or FINAL)}))
     if args.step == "fit-intonation":
         print(json.dumps({"rise_log_odds": fit_intonation()}, indent=1))
     if args.step in ("eval", "all"):
         print(json.dumps(report(), indent=2))
     if args.step == "eval-conformer":
-        print(json.dumps(report_conformer()["heldout"], indent=2))
+        print(json.dumps(report_conformer(args.model)["heldout"], indent=2))
     if args.step == "eval-dialogue":
         print(json.dumps(report_dialogue()["heldout"], indent=2))
 
