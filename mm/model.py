@@ -650,7 +650,7 @@ class MultimodalModel(nn.Module):
         heard = [row[:n] for row, n in zip(encoder.ctc_head(states).float().log_softmax(-1), mask.sum(1).tolist())]
         lm = WordLM(self.decoder, self.tokenizer)  # its key/value cache lives as long as this call
         found = lockstep([search_steps(x, CHARACTERS, lm, t.lm_weight, t.word_bonus, t.beam, lexicon=self._lexicon,
-                                       unknown=t.unknown_word) for x in heard], lm)
+                                       unknown=t.unknown_word, unknown_char=t.unknown_char) for x in heard], lm)
         read = [next(iter(f), "").split() for f in found]
         if t.punctuate:
             context, end = user_turn(self.tokenizer)

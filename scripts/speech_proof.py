@@ -310,7 +310,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help=f"the model of dev, dev-lm and heads (default "
                         f"{FINAL.relative_to(ROOT)}) and of eval-conformer (default {CONFORMER_STAGES[-1]}'s)")
     parser.add_argument("overrides", nargs="*", help="key=value for every stage (dev: CTC weights; dev-lm: A,B pairs or key=value;... settings)")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     if args.step in ("data", "all"):
         subprocess.run([sys.executable, str(ROOT / "scripts" / "speech_corpus.py"), "--out", str(DATA),
                         "--train-sentences", "11200", "--train-readings", "2", "--dialogue-train", "900"], check=True)

@@ -59,6 +59,8 @@ class TranscriberConfig:
     word_bonus: float = 2.0  # beta: added per word, against the cost each word's LM score adds
     beam: int = 16  # prefixes kept per 40 ms frame
     unknown_word: float = 10.0  # charged to a partial word that no decoder word starts with
+    unknown_char: float = 1.0  # and more for each further character it runs past the longest
+    # start of a word (speech/lm_beam.py): against unknown words running on through spaces
     punctuate: bool = True  # characters: casing and punctuation chosen by the decoder
     # (speech/punctuation.py); false: lower case, the first letter and "I" capitalised
     punctuation_beam: int = 4
@@ -103,10 +105,10 @@ class SpeechConfig:
         t = self.transcriber
         if t.method not in ("auto", "characters", "decoder"):
             problems.append(f"transcriber.method '{t.method}' is not auto, characters or decoder")
-        weights = (t.lm_weight, t.unknown_word, t.pause_weight, t.question_weight)
+        weights = (t.lm_weight, t.unknown_word, t.unknown_char, t.pause_weight, t.question_weight)
         if min(weights) < 0 or min(t.beam, t.punctuation_beam) < 1:
-            problems.append("transcriber.lm_weight, unknown_word, pause_weight and question_weight must be at least 0, "
-                            "beam and punctuation_beam at least 1")
+            problems.append("transcriber.lm_weight, unknown_word, unknown_char, pause_weight and question_weight "
+                            "must be at least 0, beam and punctuation_beam at least 1")
         if self.dialogue not in ("auto", "embeddings", "transcript"):
             problems.append(f"dialogue '{self.dialogue}' is not auto, embeddings or transcript")
         if self.conv_kernel % 2 == 0 or self.adapter.kernel % 2 == 0:

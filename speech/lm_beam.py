@@ -14,7 +14,11 @@ completes it, as log p(" word" tokens | the words before it), so a word's spelli
 it is whole. beta offsets the per-word cost that the language model adds. Since an unfinished
 word pays nothing yet, a search left at that would run words together ("nitwitideasare..."):
 a partial word that none of the decoder's whole-word tokens starts with (`Lexicon`) is charged
-a fixed `unknown` until it ends, when the language model's own score takes over.
+`unknown`, and `unknown_char` more for each further character past the longest start of a word,
+until it ends, when the language model's own score takes over. The charge grows with the word as
+the language model's score of a word it does not know does: a fixed charge let one unknown word,
+once made, go on through the spaces of the words after it for nothing ("repensiblefortheworld"),
+its spellings filling the beam.
 
 The decoder is only read: `WordLM` runs it under no_grad on token ids and never changes it.
 """
@@ -166,11 +170,28 @@ class Lexicon:
         self.prefixes = {w[:i] for w in words for i in range(1, len(w) + 1)}
         self.tails = {c[:i] for c in CONTRACTIONS for i in range(len(c) + 1)}
 
+        self._unknown: dict[str, int] = {}
+
     def could_be(self, partial: str) -> bool:
         if not partial or partial in self.prefixes or partial.isdigit():
             return True
         head, apostrophe, tail = partial.partition("'")
         return bool(apostrophe) and head in self.words and tail in self.tails
+
+    def unknown_length(self, partial: str) -> int:
+        """Characters of `partial` past its longest start that could still be a word (0: it could)."""
+        if partial not in self._unknown:
+            if len(self._unknown) >= 200_000:  # a long-lived model's lexicon: bounded memory
+                self._unknown.clear()
+            known = next(n for n in range(len(partial), -1, -1) if self.could_be(partial[:n]))
+            self._unknown[partial] = len(partial) - known
+        return self._unknown[partial]
+
+    def charge(self, partial: str, unknown: float, per_char: float) -> float:
+        """What a partial word pays for not being the start of a word: 0 when it is, else
+        unknown + per_char for every character past the longest start that is."""
+        extra = self.unknown_length(partial)
+        return unknown + per_char * (extra - 1) if extra else 0.0
 
 
 @dataclass
@@ -218,19 +239,21 @@ def lockstep(searches: list[Requests], lm: WordLM | None) -> list:
 
 def prefix_search(log_probs: Tensor, alphabet: str, lm: WordLM | None, alpha: float = 0.5, beta: float = 1.0,
                   beam: int = 16, char_floor: float = -9.0, lexicon: Lexicon | None = None,
-                  unknown: float = 10.0) -> dict[str, float]:
+                  unknown: float = 10.0, unknown_char: float = 0.0) -> dict[str, float]:
     """Search one recording's character log-probabilities [T, 1 + len(alphabet)] (blank = class
     0, class i + 1 is alphabet[i], ' ' the word separator) -> the labellings left in the beam at
     the end, words joined by single spaces, best first (by the fused score; by log p_ctc when lm
     is None): {text: log p_ctc}. Characters below `char_floor` (log-probability) in a frame are
-    not tried there; `lexicon` charges `unknown` to a partial word that no word starts with.
+    not tried there; `lexicon` charges `unknown` to a partial word that no word starts with, and
+    `unknown_char` for each character after its first past the longest start of a word.
     Several recordings: `lockstep([search_steps(...) for ...], lm)`."""
-    return lockstep([search_steps(log_probs, alphabet, lm, alpha, beta, beam, char_floor, lexicon, unknown)], lm)[0]
+    return lockstep([search_steps(log_probs, alphabet, lm, alpha, beta, beam, char_floor, lexicon, unknown,
+                                  unknown_char)], lm)[0]
 
 
 def search_steps(log_probs: Tensor, alphabet: str, lm: WordLM | None, alpha: float = 0.5, beta: float = 1.0,
                  beam: int = 16, char_floor: float = -9.0, lexicon: Lexicon | None = None,
-                 unknown: float = 10.0) -> Requests[dict[str, float]]:
+                 unknown: float = 10.0, unknown_char: float = 0.0) -> Requests[dict[str, float]]:
     """`prefix_search` as steps: yields the word sequences each frame needs scored (the caller
     scores them with lm.add), returns its result."""
     x = log_probs.float().cpu()
@@ -242,8 +265,8 @@ def search_steps(log_probs: Tensor, alphabet: str, lm: WordLM | None, alpha: flo
             return b.ctc
         words = words_of(prefix, complete)
         total = b.ctc + alpha * lm.total(words) + beta * len(words)
-        if not complete and lexicon is not None and not lexicon.could_be(prefix.rpartition(" ")[2]):
-            total -= unknown
+        if not complete and lexicon is not None:
+            total -= lexicon.charge(prefix.rpartition(" ")[2], unknown, unknown_char)
         return total
 
     for t in range(x.shape[0]):

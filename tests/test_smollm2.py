@@ -44,7 +44,7 @@ def test_closed_gates_ignore_the_image_content(smol):
 def spelled(text: str, doubt: dict[int, tuple[str, float]] | None = None) -> torch.Tensor:
     """Character log-probabilities [frames, 1 + 38] that spell `text`, one frame per character
     and a blank frame after each; doubt {i: (other, p)} gives character i's frame another
-    reading with probability p."""
+    reading with probability p ("" for blank)."""
     from speech.conformer import CHARACTERS
 
     probs = []
@@ -53,7 +53,7 @@ def spelled(text: str, doubt: dict[int, tuple[str, float]] | None = None) -> tor
         frame[CHARACTERS.index(ch) + 1] = 1.0
         if doubt and i in doubt:
             other, p = doubt[i]
-            frame[CHARACTERS.index(ch) + 1], frame[CHARACTERS.index(other) + 1] = 1 - p, p
+            frame[CHARACTERS.index(ch) + 1], frame[CHARACTERS.index(other) + 1 if other else 0] = 1 - p, p
         blank = torch.full_like(frame, 1e-4)
         blank[0] = 1.0
         probs += [frame / frame.sum(), blank / blank.sum()]
@@ -79,6 +79,27 @@ def test_the_decoder_as_language_model_corrects_a_misheard_spelling(smol):
     lm.add([("for", "emergencies"), ("for", "emurgencies")])
     assert lm.total(("for", "emergencies")) > lm.total(("for", "emurgencies"))
     assert smol.decoder_sha256() == before
+
+
+def test_an_unknown_word_does_not_run_on_through_the_spaces_after_it(smol):
+    """Misspelled names, every space heard at 0.6 against blank: with only a fixed charge for a
+    partial word that starts no word, the first unknown word went on through all the spaces after
+    it (once unknown, more letters cost nothing); charged per character, the words stay apart."""
+    from speech.conformer import CHARACTERS
+    from speech.lm_beam import Lexicon, WordLM, prefix_search
+
+    text = "usetce clarance scrub and he almost"
+    log_probs = spelled(text, doubt={i: ("", 0.4) for i, ch in enumerate(text) if ch == " "})
+    lexicon = Lexicon(smol.tokenizer)
+    assert lexicon.unknown_length("usetce") == 3 and lexicon.unknown_length("clar") == 0
+
+    def read(unknown_char: float) -> str:
+        lm = WordLM(smol.decoder, smol.tokenizer)
+        return next(iter(prefix_search(log_probs, CHARACTERS, lm, 0.5, 2.0, beam=8, lexicon=lexicon,
+                                       unknown=10.0, unknown_char=unknown_char)))
+
+    assert read(0.0) == "usetceclarancescrubandhealmost"
+    assert read(1.0) == text
 
 
 def test_the_decoder_cases_and_punctuates_what_was_read(smol):
