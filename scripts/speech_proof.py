@@ -9,6 +9,8 @@ SmolLM2-135M-Instruct frozen, then word error rate and spoken-dialogue agreement
     python scripts/speech_proof.py eval-conformer   # before speech_sft: the figures that only the
                                            # Conformer decides -> docs/results/speech_conformer.json
     python scripts/speech_proof.py eval-dialogue   # only the dialogue figures again, in place
+    python scripts/speech_proof.py eval speech.transcriber.word_bonus=1   # eval*: with changes to
+                                           # the model's recorded config (how it decodes)
     python scripts/speech_proof.py dev [W ...]   # dev WER of the decoder transcription per CTC weight
     python scripts/speech_proof.py dev-lm [A,B ...]   # dev WER of the character search per LM weight, word bonus
     python scripts/speech_proof.py dev-lm "beam=32;unknown_word=15" ...   # or per any transcriber setting
@@ -168,16 +170,19 @@ def wer(results: list[dict]) -> float:
     return round(sum(r["errors"] for r in results) / max(1, sum(r["words"] for r in results)), 4)
 
 
-def evaluate(model_dir: Path, adapter: bool = True) -> dict:
+def evaluate(model_dir: Path, adapter: bool = True, overrides: list[str] = ()) -> dict:
     """The held-out figures of a model; without `adapter`, only those that its Conformer decides
-    (the character search's transcripts, the character head, dialogue through transcripts)."""
+    (the character search's transcripts, the character head, dialogue through transcripts).
+    overrides: key=value changes to the model's recorded config (how it decodes)."""
     import mm
 
     corpus = json.loads((DATA / "corpus.json").read_text())
-    model = mm.load(model_dir)
+    model = mm.load(model_dir, overrides=overrides)
     t = model.config.speech.transcriber
-    figures, start = {"method": model.transcription_method(), "ctc_weight": model.config.speech.adapter.ctc_weight,
-                      "lm_weight": t.lm_weight, "word_bonus": t.word_bonus, "beam": t.beam}, time.time()
+    start = time.time()
+    figures = {"method": model.transcription_method(), "ctc_weight": model.config.speech.adapter.ctc_weight,
+               "lm_weight": t.lm_weight, "word_bonus": t.word_bonus, "beam": t.beam, "unknown_word": t.unknown_word,
+               "unknown_char": t.unknown_char, "overrides": list(overrides)}
     for name, key in (("asr_heldout", "wer"), ("asr_heldout_voices", "wer_heldout_voices")):
         began = time.time()
         results = transcripts(model, rows(name))
@@ -269,19 +274,19 @@ def fit_intonation(utterances: int = 4000) -> dict:
             for (upper, _), (q, o) in zip(RISE_LOG_ODDS, counts)}
 
 
-def report_dialogue() -> dict:
+def report_dialogue(overrides: list[str] = ()) -> dict:
     """The dialogue figures again, in place in docs/results/speech.json (the rest kept)."""
     import mm
     from digits import write_results
 
     result = json.loads((ROOT / "docs" / "results" / "speech.json").read_text())
     start, max_new_tokens = time.time(), result["corpus"].get("max_new_tokens", 24)
-    result["heldout"] |= dialogue(mm.load(FINAL), max_new_tokens)
+    result["heldout"] |= dialogue(mm.load(FINAL, overrides=overrides), max_new_tokens)
     result["heldout"]["dialogue_eval_seconds"] = round(time.time() - start, 1)
     return write_results("speech", {k: v for k, v in result.items() if k != "machine"})
 
 
-def report_conformer(model: Path | None = None) -> dict:
+def report_conformer(model: Path | None = None, overrides: list[str] = ()) -> dict:
     """Before speech_sft: the figures that a Conformer stage's model (default speech_ctc_masked's)
     decides."""
     from digits import write_results
@@ -289,16 +294,16 @@ def report_conformer(model: Path | None = None) -> dict:
 
     model = (model or RUN / CONFORMER_STAGES[-1] / "final").resolve()
     return write_results("speech_conformer", {
-        "model": str(model.relative_to(ROOT)), "heldout": evaluate(model, adapter=False),
+        "model": str(model.relative_to(ROOT)), "heldout": evaluate(model, adapter=False, overrides=overrides),
         "training": {stage: run_summary(RUN / stage) for stage in CONFORMER_STAGES if (RUN / stage).is_dir()},
         "corpus": json.loads((DATA / "corpus.json").read_text())})
 
 
-def report() -> dict:
+def report(overrides: list[str] = ()) -> dict:
     from digits import write_results
     from mm.train import run_summary
 
-    return write_results("speech", {"heldout": evaluate(FINAL),
+    return write_results("speech", {"heldout": evaluate(FINAL, overrides=overrides),
                                     "training": {stage: run_summary(RUN / stage) for stage in STAGES},
                                     "corpus": json.loads((DATA / "corpus.json").read_text())})
 
@@ -309,7 +314,9 @@ def main() -> None:
                                          "heads", "fit-intonation", "all"])
     parser.add_argument("--model", type=Path, help=f"the model of dev, dev-lm and heads (default "
                         f"{FINAL.relative_to(ROOT)}) and of eval-conformer (default {CONFORMER_STAGES[-1]}'s)")
-    parser.add_argument("overrides", nargs="*", help="key=value for every stage (dev: CTC weights; dev-lm: A,B pairs or key=value;... settings)")
+    parser.add_argument("overrides", nargs="*", help="train: key=value for every stage; eval*: key=value changes "
+                        "to the model's config (speech.transcriber.word_bonus=1); dev: CTC weights; dev-lm: A,B "
+                        "pairs or key=value;... settings")
     args = parser.parse_intermixed_args()
     if args.step in ("data", "all"):
         subprocess.run([sys.executable, str(ROOT / "scripts" / "speech_corpus.py"), "--out", str(DATA),
@@ -331,11 +338,11 @@ def main() -> None:
     if args.step == "fit-intonation":
         print(json.dumps({"rise_log_odds": fit_intonation()}, indent=1))
     if args.step in ("eval", "all"):
-        print(json.dumps(report(), indent=2))
+        print(json.dumps(report(args.overrides if args.step == "eval" else ()), indent=2))
     if args.step == "eval-conformer":
-        print(json.dumps(report_conformer(args.model)["heldout"], indent=2))
+        print(json.dumps(report_conformer(args.model, args.overrides)["heldout"], indent=2))
     if args.step == "eval-dialogue":
-        print(json.dumps(report_dialogue()["heldout"], indent=2))
+        print(json.dumps(report_dialogue(args.overrides)["heldout"], indent=2))
 
 
 if __name__ == "__main__":

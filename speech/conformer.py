@@ -56,7 +56,7 @@ class TranscriberConfig:
     # what was said (with the token head's CTC when adapter.tokens); auto: characters when a stage
     # trained the character head, else decoder
     lm_weight: float = 0.5  # alpha: the language model's share of a prefix's score
-    word_bonus: float = 2.0  # beta: added per word, against the cost each word's LM score adds
+    word_bonus: float = 1.0  # beta: added per word, against the cost each word's LM score adds
     beam: int = 16  # prefixes kept per 40 ms frame
     unknown_word: float = 10.0  # charged to a partial word that no decoder word starts with
     unknown_char: float = 1.0  # and more for each further character it runs past the longest
