@@ -169,8 +169,7 @@ class Lexicon:
         self.words = words
         self.prefixes = {w[:i] for w in words for i in range(1, len(w) + 1)}
         self.tails = {c[:i] for c in CONTRACTIONS for i in range(len(c) + 1)}
-
-        self._unknown: dict[str, int] = {}
+        self._unknown: dict[str, int] = {}  # partial word -> unknown_length, as asked
 
     def could_be(self, partial: str) -> bool:
         if not partial or partial in self.prefixes or partial.isdigit():
@@ -239,7 +238,7 @@ def lockstep(searches: list[Requests], lm: WordLM | None) -> list:
 
 def prefix_search(log_probs: Tensor, alphabet: str, lm: WordLM | None, alpha: float = 0.5, beta: float = 1.0,
                   beam: int = 16, char_floor: float = -9.0, lexicon: Lexicon | None = None,
-                  unknown: float = 10.0, unknown_char: float = 0.0) -> dict[str, float]:
+                  unknown: float = 10.0, unknown_char: float = 1.0) -> dict[str, float]:
     """Search one recording's character log-probabilities [T, 1 + len(alphabet)] (blank = class
     0, class i + 1 is alphabet[i], ' ' the word separator) -> the labellings left in the beam at
     the end, words joined by single spaces, best first (by the fused score; by log p_ctc when lm
@@ -253,7 +252,7 @@ def prefix_search(log_probs: Tensor, alphabet: str, lm: WordLM | None, alpha: fl
 
 def search_steps(log_probs: Tensor, alphabet: str, lm: WordLM | None, alpha: float = 0.5, beta: float = 1.0,
                  beam: int = 16, char_floor: float = -9.0, lexicon: Lexicon | None = None,
-                 unknown: float = 10.0, unknown_char: float = 0.0) -> Requests[dict[str, float]]:
+                 unknown: float = 10.0, unknown_char: float = 1.0) -> Requests[dict[str, float]]:
     """`prefix_search` as steps: yields the word sequences each frame needs scored (the caller
     scores them with lm.add), returns its result."""
     x = log_probs.float().cpu()
