@@ -188,7 +188,7 @@ class Lexicon:
 
     def charge(self, partial: str, unknown: float, per_char: float) -> float:
         """What a partial word pays for not being the start of a word: 0 when it is, else
-        unknown + per_char for every character past the longest start that is."""
+        unknown for its first character past the longest start that is, per_char for each after."""
         extra = self.unknown_length(partial)
         return unknown + per_char * (extra - 1) if extra else 0.0
 
