@@ -374,11 +374,15 @@ def test_talk_errors_are_one_line(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "r.wav").exists()
 
 
-def test_bfloat16_training_follows_float32_and_keeps_float32_weights(speech_shards, tmp_path):
+def test_bfloat16_training_follows_float32_and_keeps_float32_weights(speech_shards, tmp_path, monkeypatch):
     """precision: bfloat16 runs the forward under autocast: the same first loss to bfloat16's
     rounding, a falling curve, float32 weights saved, the decoder untouched."""
+    import mm.train
     from safetensors.torch import load_file
 
+    # the numbers, not the speed, are tested: allowed on a CPU without bfloat16 matrix hardware
+    # too (the tiny model's products are small enough)
+    monkeypatch.setattr(mm.train, "bfloat16_is_fast", lambda device: True)
     before = mm.load("tiny").decoder_sha256()
     runs = {}
     for precision in ("float32", "bfloat16"):
@@ -392,6 +396,21 @@ def test_bfloat16_training_follows_float32_and_keeps_float32_weights(speech_shar
     assert mm.load(final).decoder_sha256() == before
     with pytest.raises(Exception, match="precision 'float16'"):
         stage_config(tmp_path, "speech_sft", [speech_shards / "asr"], ["precision=float16"])
+
+
+def test_bfloat16_is_refused_where_it_would_be_slower(speech_shards, tmp_path, monkeypatch, capsys):
+    """On a CPU without bfloat16 matrix hardware (AVX2 only) bfloat16 autocast is tens of times
+    slower than float32: `mm train` says so in one line, exits 2 and writes no run."""
+    import mm.train
+
+    monkeypatch.setattr(mm.train, "bfloat16_is_fast", lambda device: False)
+    out = tmp_path / "run"
+    assert main(["train", "configs/stages/speech_sft.yaml", "model=tiny", f"output={out}", "precision=bfloat16",
+                 f"data.shards={json.dumps([str(speech_shards / 'asr')])}", "data.workers=0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "precision: bfloat16" in err and "precision=float32" in err, err
+    assert not out.exists()
+    mm.train.check_precision("float32", torch.device("cpu"))  # float32 is never refused
 
 
 def test_speech_ctc_stage_and_size_grouped_batches(speech_shards, tmp_path):
