@@ -635,9 +635,7 @@ class MultimodalModel(nn.Module):
         cased and punctuated by the decoder (speech/punctuation.py) when transcriber.punctuate.
         The recordings are searched side by side, their language-model requests batched."""
         from speech.conformer import CHARACTERS
-        from speech.intonation import final_rise, question_log_odds
         from speech.lm_beam import Lexicon, WordLM, lockstep, search_steps
-        from speech.punctuation import punctuation_steps, user_turn, word_gaps
 
         t = self.config.speech.transcriber
         if self._lexicon is None:
@@ -651,15 +649,31 @@ class MultimodalModel(nn.Module):
         lm = WordLM(self.decoder, self.tokenizer)  # its key/value cache lives as long as this call
         found = lockstep([search_steps(x, CHARACTERS, lm, t.lm_weight, t.word_bonus, t.beam, lexicon=self._lexicon,
                                        unknown=t.unknown_word, unknown_char=t.unknown_char) for x in heard], lm)
-        read = [next(iter(f), "").split() for f in found]
+        return self.write_out([next(iter(f), "").split() for f in found], waves, heard)
+
+    @torch.no_grad()
+    def write_out(self, read: list[list[str]], waves: list[Tensor],
+                  heard: list[Tensor | None] | None = None) -> list[str]:
+        """Words as the character search reads them (lower-case, no punctuation) -> sentences as
+        written: cased and punctuated by the decoder (speech/punctuation.py) when
+        transcriber.punctuate, weighing each recording's (`waves`, 16 kHz) final pitch rise for a
+        closing question mark and, where `heard` gives the character head's log-probabilities, the
+        pauses between the words for commas; otherwise only the first word and "I" capitalised."""
+        from speech.conformer import CHARACTERS
+        from speech.intonation import final_rise, question_log_odds
+        from speech.lm_beam import WordLM, lockstep
+        from speech.punctuation import punctuation_steps, user_turn, word_gaps
+
+        t = self.config.speech.transcriber
         if t.punctuate:
             context, end = user_turn(self.tokenizer)
             lm = WordLM(self.decoder, self.tokenizer, context=context, end=end)
             questions = [question_log_odds(final_rise(w), t.question_weight) if t.question_weight and words else 0.0
                          for w, words in zip(waves, read)]  # nothing read: nothing to punctuate
-            return lockstep([punctuation_steps(words, lm, t.punctuation_beam, word_gaps(x, words, CHARACTERS),
-                                               t.pause_weight, t.pause_frames, q)
-                             for x, words, q in zip(heard, read, questions)], lm)
+            pauses = [None if x is None else word_gaps(x, words, CHARACTERS)
+                      for x, words in zip(heard or [None] * len(read), read)]
+            return lockstep([punctuation_steps(words, lm, t.punctuation_beam, gaps, t.pause_weight, t.pause_frames, q)
+                             for words, gaps, q in zip(read, pauses, questions)], lm)
         out = []
         for words in read:
             text = " ".join(w.capitalize() if w == "i" or w.startswith("i'") else w for w in words)

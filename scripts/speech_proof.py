@@ -17,6 +17,8 @@ SmolLM2-135M-Instruct frozen, then word error rate and spoken-dialogue agreement
     python scripts/speech_proof.py heads --model runs/speech/speech_ctc/final   # greedy character
                                            # head WER on 200 training sentences, dev, held-out, held-out voices
     python scripts/speech_proof.py fit-intonation   # the counts behind speech/intonation.py's RISE_LOG_ODDS
+    python scripts/speech_proof.py punctuation-oracle   # dialogue with every word read right: what
+                                           # casing and punctuation alone cost the agreement
     python scripts/speech_proof.py all
 
 Held-out figures:
@@ -274,6 +276,65 @@ def fit_intonation(utterances: int = 4000) -> dict:
             for (upper, _), (q, o) in zip(RISE_LOG_ODDS, counts)}
 
 
+def read_as_spoken(text: str) -> list[str]:
+    """The words of a typed text as the character search reads them: lower case, the character
+    head's alphabet only (speech/conformer.py), a hyphen heard as the space it is spoken as."""
+    from speech.conformer import CHARACTERS
+
+    return "".join(c for c in text.lower().replace("-", " ") if c in CHARACTERS).split()
+
+
+def punctuation_oracle(model_ref: str, overrides: list[str] = (), name: str = "dialogue_heldout", limit: int = 0,
+                       reply: bool = True) -> dict:
+    """Transcripts with every word read right: each sentence's own words (of the `name` rows, the
+    first `limit`; a dialogue set's questions) as the character search reads them
+    (`read_as_spoken`), written out as model.transcribe writes its transcripts (model.write_out:
+    casing and punctuation by the decoder, the recording's final rise for a closing "?", and,
+    when the model's character head is trained, the pauses it hears between the words for
+    commas); for a dialogue set (with `reply`), replied to. What the writing-out alone costs the
+    transcripts and the dialogue agreement; each sentence -> runs/speech/oracle_<name>.jsonl."""
+    import torch
+
+    import mm
+    from speech import AudioFeatures
+
+    model = mm.load(model_ref, overrides=overrides)
+    items = rows(name)[:limit or None]
+    max_new_tokens = json.loads((DATA / "corpus.json").read_text()).get("max_new_tokens", 24)
+    reply = reply and all("answer" in r for r in items)
+    trained = model.encoders["audio"].has_ctc_head()
+    out, start = [], time.time()
+    for i in range(0, len(items), 16):
+        chunk = items[i:i + 16]
+        texts = [r.get("question", r.get("caption")) for r in chunk]
+        waves = [model.audio_processor.wave(audio_path(r)) for r in chunk]
+        heard = None
+        if trained:
+            encoder = model.encoders["audio"]
+            batch = AudioFeatures.pad([model.audio_processor.log_mel_of(w) for w in waves])
+            with torch.no_grad():
+                states, mask = encoder(batch.features, batch.lengths)
+            heard = [x[:n] for x, n in zip(encoder.ctc_head(states).float().log_softmax(-1), mask.sum(1).tolist())]
+        written = model.write_out([read_as_spoken(t) for t in texts], waves, heard)
+        said = model.generate(written, max_new_tokens=max_new_tokens) if reply else [None] * len(chunk)
+        for r, text, mine, answer in zip(chunk, texts, written, said):
+            out.append({"text": text, "written": mine, "voice": r["voice"]}
+                       | ({"reply": answer, "expected": r["answer"], "same": answer.strip() == r["answer"].strip()}
+                          if reply else {}))
+    RUN.mkdir(parents=True, exist_ok=True)
+    (RUN / f"oracle_{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in out))
+    n, exact = max(1, len(out)), [r for r in out if r["written"] == r["text"]]
+    figures = {"model": model_ref, "overrides": list(overrides), "sentences": f"{name}[:{len(out)}]",
+               "pauses_heard": trained, "written_exact": round(len(exact) / n, 4),
+               "closing_mark_right": round(sum(r["written"][-1:] == r["text"][-1:] for r in out) / n, 4),
+               "capitals_right": round(sum([c.isupper() for c in r["written"]] == [c.isupper() for c in r["text"]]
+                                           for r in out if len(r["written"]) == len(r["text"])) / n, 4)}
+    if reply:
+        figures |= {"agreement": round(sum(r["same"] for r in out) / n, 4),
+                    "agreement_when_written_exact": round(sum(r["same"] for r in exact) / max(1, len(exact)), 4)}
+    return figures | {"seconds": round(time.time() - start, 1)}
+
+
 def report_dialogue(overrides: list[str] = ()) -> dict:
     """The dialogue figures again, in place in docs/results/speech.json (the rest kept)."""
     import mm
@@ -311,9 +372,13 @@ def report(overrides: list[str] = ()) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("step", choices=["data", "train", "eval", "eval-conformer", "eval-dialogue", "dev", "dev-lm",
-                                         "heads", "fit-intonation", "all"])
+                                         "heads", "fit-intonation", "punctuation-oracle", "all"])
     parser.add_argument("--model", type=Path, help=f"the model of dev, dev-lm and heads (default "
                         f"{FINAL.relative_to(ROOT)}) and of eval-conformer (default {CONFORMER_STAGES[-1]}'s)")
+    parser.add_argument("--rows", default="dialogue_heldout", help="punctuation-oracle: the sentences (a "
+                        "data/speech/*.jsonl set: dialogue_heldout, dialogue_train, asr_dev, ...)")
+    parser.add_argument("--limit", type=int, default=0, help="punctuation-oracle: only the first LIMIT sentences")
+    parser.add_argument("--no-replies", action="store_true", help="punctuation-oracle: transcripts only")
     parser.add_argument("overrides", nargs="*", help="train: key=value for every stage; eval*: key=value changes "
                         "to the model's config (speech.transcriber.word_bonus=1); dev: CTC weights; dev-lm: A,B "
                         "pairs or key=value;... settings")
@@ -335,6 +400,10 @@ def main() -> None:
         print(json.dumps({"dev_wer_by_transcriber_setting": dev_lm_sweep(args.model or FINAL, args.overrides or ["0.5,2"])}))
     if args.step == "heads":
         print(json.dumps({"character_head_greedy_wer": head_sweep(args.model or FINAL)}))
+    if args.step == "punctuation-oracle":
+        model = str(args.model or (FINAL if FINAL.is_dir() else "smollm2"))
+        print(json.dumps({"punctuation_oracle": punctuation_oracle(model, args.overrides, args.rows, args.limit,
+                                                                   not args.no_replies)}, indent=1))
     if args.step == "fit-intonation":
         print(json.dumps({"rise_log_odds": fit_intonation()}, indent=1))
     if args.step in ("eval", "all"):

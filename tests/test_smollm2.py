@@ -113,3 +113,18 @@ def test_the_decoder_cases_and_punctuates_what_was_read(smol):
     assert punctuate("what am i going to do with this", lm) == "What am I going to do with this?"
     assert punctuate("the cat sat on the mat", lm) == "The cat sat on the mat."
     assert smol.decoder_sha256() == before
+
+
+def test_words_read_are_written_out_with_the_voice(smol, monkeypatch):
+    """model.write_out, how transcribe writes what the character search read: the same words
+    close on "?" after a rising voice, on "." after a falling one; with transcriber.punctuate off
+    only the first word and "I" get capitals."""
+    from tests.test_intonation import voice
+
+    words = "so you think you can dance".split()
+    rising = voice([(0, 140), (1.2, 140), (1.5, 150)], 1.5)
+    falling = voice([(0, 140), (1.2, 140), (1.5, 105)], 1.5)
+    assert smol.write_out([words, words, []], [rising, falling, rising]) == [
+        "So you think you can dance?", "So you think you can dance.", ""]
+    monkeypatch.setattr(smol.config.speech.transcriber, "punctuate", False)
+    assert smol.write_out([["so", "i", "can't"]], [falling]) == ["So I can't"]

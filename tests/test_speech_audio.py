@@ -398,3 +398,17 @@ def test_further_readings_are_other_training_voices_never_held_out():
     assert all(v.partition("+")[0] not in accents and v.partition("+")[2] not in variants
                for v in corpus.TRAIN_VOICES + corpus.MORE_TRAIN_VOICES)
     assert corpus.further_readings(texts, first, 1, "seed") == []
+
+
+def test_the_speech_proof_reads_a_typed_text_as_the_character_search_would():
+    """scripts/speech_proof.py read_as_spoken: the words of a typed sentence, as the punctuation
+    oracle hands them to model.write_out (lower case, the head's alphabet, hyphens as spaces)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "speech_proof.py"
+    spec = importlib.util.spec_from_file_location("speech_proof", path)
+    proof = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(proof)
+    assert proof.read_as_spoken("What's a half-dozen Indians, Mr. O'Neil? 42!") == [
+        "what's", "a", "half", "dozen", "indians", "mr", "o'neil", "42"]
+    assert proof.read_as_spoken("?!") == []
