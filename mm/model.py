@@ -640,16 +640,22 @@ class MultimodalModel(nn.Module):
         t = self.config.speech.transcriber
         if self._lexicon is None:
             self._lexicon = Lexicon(self.tokenizer)
-        encoder = self.encoders["audio"]
         waves = [self.audio_processor.wave(a) for a in recordings]
-        features = AudioFeatures.pad([self.audio_processor.log_mel_of(w) for w in waves])
-        features = features.to(self.media_embedding.weight.device)
-        states, mask = encoder(features.features.to(self.media_embedding.weight.dtype), features.lengths)
-        heard = [row[:n] for row, n in zip(encoder.ctc_head(states).float().log_softmax(-1), mask.sum(1).tolist())]
+        heard = self.hear_characters(waves)
         lm = WordLM(self.decoder, self.tokenizer)  # its key/value cache lives as long as this call
         found = lockstep([search_steps(x, CHARACTERS, lm, t.lm_weight, t.word_bonus, t.beam, lexicon=self._lexicon,
                                        unknown=t.unknown_word, unknown_char=t.unknown_char) for x in heard], lm)
         return self.write_out([next(iter(f), "").split() for f in found], waves, heard)
+
+    @torch.no_grad()
+    def hear_characters(self, waves: list[Tensor]) -> list[Tensor]:
+        """The Conformer's character head on each recording (16 kHz waves, batched): its
+        log-probabilities [frames, 1 + len(CHARACTERS)], blank first."""
+        encoder = self.encoders["audio"]
+        features = AudioFeatures.pad([self.audio_processor.log_mel_of(w) for w in waves])
+        features = features.to(self.media_embedding.weight.device)
+        states, mask = encoder(features.features.to(self.media_embedding.weight.dtype), features.lengths)
+        return [row[:n] for row, n in zip(encoder.ctc_head(states).float().log_softmax(-1), mask.sum(1).tolist())]
 
     @torch.no_grad()
     def write_out(self, read: list[list[str]], waves: list[Tensor],

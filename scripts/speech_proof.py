@@ -293,10 +293,7 @@ def punctuation_oracle(model_ref: str, overrides: list[str] = (), name: str = "d
     when the model's character head is trained, the pauses it hears between the words for
     commas); for a dialogue set (with `reply`), replied to. What the writing-out alone costs the
     transcripts and the dialogue agreement; each sentence -> runs/speech/oracle_<name>.jsonl."""
-    import torch
-
     import mm
-    from speech import AudioFeatures
 
     model = mm.load(model_ref, overrides=overrides)
     items = rows(name)[:limit or None]
@@ -308,14 +305,8 @@ def punctuation_oracle(model_ref: str, overrides: list[str] = (), name: str = "d
         chunk = items[i:i + 16]
         texts = [r.get("question", r.get("caption")) for r in chunk]
         waves = [model.audio_processor.wave(audio_path(r)) for r in chunk]
-        heard = None
-        if trained:
-            encoder = model.encoders["audio"]
-            batch = AudioFeatures.pad([model.audio_processor.log_mel_of(w) for w in waves])
-            with torch.no_grad():
-                states, mask = encoder(batch.features, batch.lengths)
-            heard = [x[:n] for x, n in zip(encoder.ctc_head(states).float().log_softmax(-1), mask.sum(1).tolist())]
-        written = model.write_out([read_as_spoken(t) for t in texts], waves, heard)
+        written = model.write_out([read_as_spoken(t) for t in texts], waves,
+                                  model.hear_characters(waves) if trained else None)
         said = model.generate(written, max_new_tokens=max_new_tokens) if reply else [None] * len(chunk)
         for r, text, mine, answer in zip(chunk, texts, written, said):
             out.append({"text": text, "written": mine, "voice": r["voice"]}
