@@ -674,11 +674,13 @@ class MultimodalModel(nn.Module):
         if t.punctuate:
             context, end = user_turn(self.tokenizer)
             lm = WordLM(self.decoder, self.tokenizer, context=context, end=end)
-            questions = [question_log_odds(final_rise(w), t.question_weight) if t.question_weight and words else 0.0
+            questions = [(question_log_odds(final_rise(w), t.question_weight) if t.question_weight else 0.0)
+                         + t.question_prior if words else 0.0
                          for w, words in zip(waves, read)]  # nothing read: nothing to punctuate
             pauses = [None if x is None else word_gaps(x, words, CHARACTERS)
                       for x, words in zip(heard or [None] * len(read), read)]
-            return lockstep([punctuation_steps(words, lm, t.punctuation_beam, gaps, t.pause_weight, t.pause_frames, q)
+            return lockstep([punctuation_steps(words, lm, t.punctuation_beam, gaps, t.pause_weight, t.pause_frames, q,
+                                               t.recase)
                              for words, gaps, q in zip(read, pauses, questions)], lm)
         out = []
         for words in read:

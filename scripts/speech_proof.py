@@ -17,6 +17,7 @@ SmolLM2-135M-Instruct frozen, then word error rate and spoken-dialogue agreement
     python scripts/speech_proof.py heads --model runs/speech/speech_ctc/final   # greedy character
                                            # head WER on 200 training sentences, dev, held-out, held-out voices
     python scripts/speech_proof.py fit-intonation   # the counts behind speech/intonation.py's RISE_LOG_ODDS
+    python scripts/speech_proof.py fit-closing   # the weights of the closing "?": decoder, voice, prior
     python scripts/speech_proof.py punctuation-oracle   # dialogue with every word read right: what
                                            # casing and punctuation alone cost the agreement
     python scripts/speech_proof.py all
@@ -276,6 +277,50 @@ def fit_intonation(utterances: int = 4000) -> dict:
             for (upper, _), (q, o) in zip(RISE_LOG_ODDS, counts)}
 
 
+def fit_closing(utterances: int = 8000) -> dict:
+    """The closing mark's weights (speech.transcriber question_weight and question_prior): of the
+    first `utterances` of asr_train that end in ".", "?" or "!", every question and as many of
+    the others (balanced: the text and its voice decide, not the corpus's share of questions),
+    each with the decoder's log-odds of its own words closing on "?" rather than "." (as a
+    user's turn, as write_out scores them) and its voice's (question_log_odds of its final
+    rise); a logistic regression of "ends in ?" on the two. The decoder's weight is its
+    coefficient (write_out takes it as it is), the voice's is question_weight, the intercept
+    question_prior."""
+    import mm
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    from speech.audio import load_audio
+    from speech.intonation import final_rise, question_log_odds
+    from speech.lm_beam import WordLM
+    from speech.punctuation import user_turn
+
+    model = mm.load("smollm2")
+    context, end = user_turn(model.tokenizer)
+    items = [r for r in rows("asr_train")[:utterances] if r["caption"].strip()[-1:] in ".?!"]
+    asked = [r for r in items if r["caption"].strip().endswith("?")]
+    items = asked + [r for r in items if not r["caption"].strip().endswith("?")][:len(asked)]
+    features, start = [], time.time()
+    for i in range(0, len(items), 64):
+        lm = WordLM(model.decoder, model.tokenizer, context=context, end=end)  # one chunk's cache at a time
+        stems = [r["caption"].strip()[:-1].split() for r in items[i:i + 64]]
+        closed = [[tuple(s[:-1] + [s[-1] + mark, WordLM.END]) for mark in "?."] for s in stems]
+        lm.add([c for pair in closed for c in pair])
+        features += [[lm.total(q) - lm.total(d), question_log_odds(final_rise(load_audio(audio_path(r))))]
+                     for (q, d), r in zip(closed, items[i:i + 64])]
+    x, y = np.array(features), np.array([r["caption"].strip().endswith("?") for r in items])
+    fit = LogisticRegression().fit(x, y)
+    rule = x[:, 0] + x[:, 1] > 0  # decoder and voice at weight 1, no prior
+    return {"sentences": f"{len(asked)} questions, {len(items) - len(asked)} others",
+            "decoder_weight": round(float(fit.coef_[0, 0]), 2), "question_weight": round(float(fit.coef_[0, 1]), 2),
+            "question_prior": round(float(fit.intercept_[0]), 2),
+            "fitted_right": {"questions": round(float((fit.predict(x) == y)[y].mean()), 4),
+                             "others": round(float((fit.predict(x) == y)[~y].mean()), 4)},
+            "unfitted_right": {"questions": round(float(rule[y].mean()), 4),
+                               "others": round(float((~rule)[~y].mean()), 4)},
+            "seconds": round(time.time() - start, 1)}
+
+
 def read_as_spoken(text: str) -> list[str]:
     """The words of a typed text as the character search reads them: lower case, the character
     head's alphabet only (speech/conformer.py), a hyphen heard as the space it is spoken as."""
@@ -363,7 +408,7 @@ def report(overrides: list[str] = ()) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("step", choices=["data", "train", "eval", "eval-conformer", "eval-dialogue", "dev", "dev-lm",
-                                         "heads", "fit-intonation", "punctuation-oracle", "all"])
+                                         "heads", "fit-intonation", "fit-closing", "punctuation-oracle", "all"])
     parser.add_argument("--model", type=Path, help=f"the model of dev, dev-lm and heads (default "
                         f"{FINAL.relative_to(ROOT)}) and of eval-conformer (default {CONFORMER_STAGES[-1]}'s)")
     parser.add_argument("--rows", default="dialogue_heldout", help="punctuation-oracle: the sentences (a "
@@ -397,6 +442,8 @@ def main() -> None:
                                                                    not args.no_replies)}, indent=1))
     if args.step == "fit-intonation":
         print(json.dumps({"rise_log_odds": fit_intonation()}, indent=1))
+    if args.step == "fit-closing":
+        print(json.dumps({"closing_mark": fit_closing()}, indent=1))
     if args.step in ("eval", "all"):
         print(json.dumps(report(args.overrides if args.step == "eval" else ()), indent=2))
     if args.step == "eval-conformer":

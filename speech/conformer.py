@@ -66,8 +66,14 @@ class TranscriberConfig:
     punctuation_beam: int = 4
     pause_weight: float = 2.8  # a comma's log-odds per 40 ms frame of pause past pause_frames
     pause_frames: float = 3.1  # (speech/punctuation.py, pause_log_odds); 0: pauses are not heard
-    question_weight: float = 1.0  # share of the final rise's log-odds for a closing "?"
+    question_weight: float = 0.7  # share of the final rise's log-odds for a closing "?"
     # (speech/intonation.py, question_log_odds); 0: the voice's pitch is not heard
+    question_prior: float = 1.5  # log-odds added to a closing "?": the decoder, scoring a user's
+    # turn, expects a statement more often than half the time. With question_weight, fitted by
+    # `speech_proof.py fit-closing` on as many questions as statements (decoder weight 1.02, voice
+    # 0.72, prior 1.54); 0 leaves the decoder's expectation as it is (dictation: mostly statements)
+    recase: int = 3  # rounds of capitals chosen with the whole sentence in view, after the
+    # punctuation beam (speech/punctuation.py, recase_steps: "Faye Dunaway"); 0: the beam's alone
 
 
 @dataclass
@@ -106,9 +112,9 @@ class SpeechConfig:
         if t.method not in ("auto", "characters", "decoder"):
             problems.append(f"transcriber.method '{t.method}' is not auto, characters or decoder")
         weights = (t.lm_weight, t.unknown_word, t.unknown_char, t.pause_weight, t.question_weight)
-        if min(weights) < 0 or min(t.beam, t.punctuation_beam) < 1:
+        if min(weights) < 0 or min(t.beam, t.punctuation_beam) < 1 or t.recase < 0:
             problems.append("transcriber.lm_weight, unknown_word, unknown_char, pause_weight and question_weight "
-                            "must be at least 0, beam and punctuation_beam at least 1")
+                            "must be at least 0, beam and punctuation_beam at least 1, recase at least 0")
         if self.dialogue not in ("auto", "embeddings", "transcript"):
             problems.append(f"dialogue '{self.dialogue}' is not auto, embeddings or transcript")
         if self.conv_kernel % 2 == 0 or self.adapter.kernel % 2 == 0:

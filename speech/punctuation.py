@@ -13,7 +13,8 @@ after each word (on the character head's alignment, `word_gaps`) weighs for or a
 there (`pause_log_odds`): the decoder alone cannot tell "Why, what did she tell you?" from "Why
 what did she tell you?". Likewise the pitch at the end of the recording weighs for or against a
 closing question mark (speech/intonation.py): "You can't say this?" is a question only in its
-voice.
+voice. Last, `recase_steps` chooses the capitals again with the whole sentence in view, for the
+names whose capitals the beam's view of one word ahead cannot see ("Faye Dunaway").
 
 The text is scored where the decoder meets it in spoken dialogue: as a user's turn of its chat
 template (`user_turn`), closing tokens included, so that how it ends counts: a document may
@@ -87,18 +88,21 @@ def user_turn(tokenizer) -> tuple[list[int] | None, list[int]]:
 
 
 def punctuate(words: list[str] | str, lm: WordLM, beam: int = 4, pauses: list[float] | None = None,
-              pause_weight: float = 2.8, pause_frames: float = 3.1, question: float = 0.0) -> str:
+              pause_weight: float = 2.8, pause_frames: float = 3.1, question: float = 0.0, recase: int = 0) -> str:
     """The likeliest written sentence of `words` (lower-case, as read) under lm's decoder (with
     lm.end after it when lm has one: context and end from `user_turn`). `pauses` (frames
     between each word and the next) weigh for a comma where the speaker paused and against one
     where they did not (`pause_log_odds`). `question` is the log-odds the voice gives a closing
     question mark (speech/intonation.py, question_log_odds). A word may also join the one before
-    with a hyphen. Several transcripts: `lockstep([punctuation_steps(...) for ...], lm)`."""
-    return lockstep([punctuation_steps(words, lm, beam, pauses, pause_weight, pause_frames, question)], lm)[0]
+    with a hyphen. `recase`: rounds of `recase_steps` after the beam (0: none). Several
+    transcripts: `lockstep([punctuation_steps(...) for ...], lm)`."""
+    return lockstep([punctuation_steps(words, lm, beam, pauses, pause_weight, pause_frames, question, recase)],
+                    lm)[0]
 
 
 def punctuation_steps(words: list[str] | str, lm: WordLM, beam: int = 4, pauses: list[float] | None = None,
-                      pause_weight: float = 2.8, pause_frames: float = 3.1, question: float = 0.0) -> Requests[str]:
+                      pause_weight: float = 2.8, pause_frames: float = 3.1, question: float = 0.0,
+                      recase: int = 0) -> Requests[str]:
     """`punctuate` as steps: yields the word sequences each word needs scored, returns the text."""
     if isinstance(words, str):
         words = words.split()
@@ -126,4 +130,40 @@ def punctuation_steps(words: list[str] | str, lm: WordLM, beam: int = 4, pauses:
         yield list(judged.values())
         ranked = sorted(grown, key=lambda g: lm.total(judged[g]) + grown[g], reverse=True)[:beam]
         beams = {g: grown[g] for g in ranked}
-    return " ".join(next(iter(beams)))
+    best = next(iter(beams))
+    if recase:
+        best = yield from recase_steps(best, lm, recase)
+    return " ".join(best)
+
+
+def recase_steps(written: tuple[str, ...], lm: WordLM, rounds: int = 3) -> Requests[tuple[str, ...]]:
+    """Capitals with the whole sentence in view. The beam judges a capital by the next word as
+    read: "Faye" before "dunaway" loses to "faye", so "Faye Dunaway" never comes up. Each round
+    here tries every word after the first with its case flipped (as read <-> capitalised),
+    alone and with the one or two words after it, and keeps the likeliest written sentence
+    (closing included), less CAPITAL_COST per run of capitals (a name costs once, however many
+    words), until no flip gains or `rounds` rounds are done. -> the sentence as written."""
+    closing = (WordLM.END,) if lm.end else ()
+    # the words that may take either case: not the first, not "I", not "1984"
+    free = [n for n, w in enumerate(written) if n and len(forms(w.split("-")[0].lower().strip(",.?!"), False)) == 2]
+
+    def flip(s: tuple[str, ...], at: tuple[int, ...]) -> tuple[str, ...]:
+        out = list(s)
+        for n in at:
+            head = out[n][:1]
+            out[n] = (head.lower() if head.isupper() else head.upper()) + out[n][1:]
+        return tuple(out)
+
+    def score(s: tuple[str, ...]) -> float:
+        capital = [n for n in free if s[n][:1].isupper()]
+        return lm.total(s + closing) - CAPITAL_COST * sum(n - 1 not in capital for n in capital)
+
+    spans = [tuple(range(n, n + k)) for n in free for k in (1, 2, 3) if all(m in free for m in range(n, n + k))]
+    for _ in range(rounds):
+        tried = [written] + [flip(written, at) for at in spans]
+        yield [s + closing for s in tried]
+        best = max(tried, key=score)
+        if best == written:
+            break
+        written = best
+    return written

@@ -8,8 +8,9 @@ import torch
 from mm.decoders import load_decoder
 from speech.align import ctc_align
 from speech.lm_beam import WordLM
+from speech.lm_beam import lockstep
 from speech.punctuation import (CAPITAL_COST, ENDS, HYPHEN_COST, MIDDLE, forms, pause_log_odds, punctuate,
-                                word_gaps)
+                                punctuation_steps, recase_steps, word_gaps)
 from tests.test_lm_beam import sentence_log_prob
 
 
@@ -69,6 +70,36 @@ def test_a_wide_beam_finds_the_likeliest_written_sentence():
     assert narrow.lower().replace(",", "").replace("-", " ")[:-1] == "ab i ba"
     assert punctuate([], WordLM(decoder, tokenizer)) == ""
     assert math.isfinite(sentence_log_prob(decoder, lm, best))
+
+
+def test_recasing_ends_where_no_flip_of_one_to_three_words_gains():
+    """recase_steps: a local search over capitals with the whole sentence scored (by one plain
+    decoder call here), a run of capitals charged once; "I" and the first word stay as they are."""
+    decoder, tokenizer = load_decoder("tiny")
+    start = ("Ab", "ba", "I", "ab", "ba,", "b-a", "ab.")
+    lm = WordLM(decoder, tokenizer)
+    found = lockstep([recase_steps(start, lm, rounds=10)], lm)[0]
+    assert found[0] == "Ab" and found[2] == "I"
+    assert [w.lower() for w in found] == [w.lower() for w in start]
+    free = [1, 3, 4, 5, 6]
+
+    def score(s: tuple[str, ...]) -> float:
+        capital = [n for n in free if s[n][0].isupper()]
+        return sentence_log_prob(decoder, lm, s) - CAPITAL_COST * sum(n - 1 not in capital for n in capital)
+
+    def flipped(s: tuple[str, ...], at: range) -> tuple[str, ...]:
+        return tuple(w.swapcase()[0] + w[1:] if n in at else w for n, w in enumerate(s))
+
+    best = score(found)
+    assert best >= score(start) - 1e-4
+    for n in free:
+        for k in (1, 2, 3):
+            if all(m in free for m in range(n, n + k)):
+                assert score(flipped(found, range(n, n + k))) <= best + 1e-4
+    # recasing is a step of punctuate's when asked for, and leaves the words and marks as they were
+    words = "ab ba i ab ba".split()
+    plain, recased = lockstep([punctuation_steps(words, lm), punctuation_steps(words, lm, recase=3)], lm)
+    assert recased.lower() == plain.lower()
 
 
 def test_pause_log_odds_grow_with_the_pause_and_are_bounded():

@@ -118,13 +118,23 @@ def test_the_decoder_cases_and_punctuates_what_was_read(smol):
 def test_words_read_are_written_out_with_the_voice(smol, monkeypatch):
     """model.write_out, how transcribe writes what the character search read: the same words
     close on "?" after a rising voice, on "." after a falling one; with transcriber.punctuate off
-    only the first word and "I" get capitals."""
+    only the first word and "I" get capitals. The figures behind the defaults: README, Speech."""
     from tests.test_intonation import voice
 
-    words = "so you think you can dance".split()
+    words = "you are leaving".split()
     rising = voice([(0, 140), (1.2, 140), (1.5, 150)], 1.5)
     falling = voice([(0, 140), (1.2, 140), (1.5, 105)], 1.5)
-    assert smol.write_out([words, words, []], [rising, falling, rising]) == [
-        "So you think you can dance?", "So you think you can dance.", ""]
+    assert smol.write_out([words, words, []], [rising, falling, rising]) == ["You are leaving?", "You are leaving.", ""]
+    # a question in its words stays one in a falling voice (question_prior: the decoder alone
+    # expects statements), and a name's capitals come with the whole sentence in view (recase)
+    asked = ["where would you put it".split(), "what does the white house think about it".split()]
+    assert smol.write_out(asked, [falling, falling]) == [
+        "Where would you put it?", "What does the White House think about it?"]
+    t = smol.config.speech.transcriber
+    monkeypatch.setattr(t, "question_prior", 0.0)
+    monkeypatch.setattr(t, "question_weight", 1.0)
+    monkeypatch.setattr(t, "recase", 0)
+    assert smol.write_out(asked, [falling, falling]) == [
+        "Where would you put it.", "What does the white house think about it."]
     monkeypatch.setattr(smol.config.speech.transcriber, "punctuate", False)
     assert smol.write_out([["so", "i", "can't"]], [falling]) == ["So I can't"]

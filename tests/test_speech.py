@@ -503,6 +503,8 @@ def test_speech_ctc_stage_and_size_grouped_batches(speech_shards, tmp_path):
         mm.load("tiny", overrides=["speech.transcriber.method=words"])
     with pytest.raises(mm.ConfigError, match="question_weight must be at least 0"):
         mm.load("tiny", overrides=["speech.transcriber.question_weight=-1"])
+    with pytest.raises(mm.ConfigError, match="recase at least 0"):
+        mm.load("tiny", overrides=["speech.transcriber.recase=-1"])
     unheard = mm.load(final, overrides=["speech.transcriber.question_weight=0"])  # the pitch not heard
     assert isinstance(unheard.transcribe(recording), str)
 
