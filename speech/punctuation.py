@@ -145,7 +145,8 @@ def recase_steps(written: tuple[str, ...], lm: WordLM, rounds: int = 3) -> Reque
     words), until no flip gains or `rounds` rounds are done. -> the sentence as written."""
     closing = (WordLM.END,) if lm.end else ()
     # the words that may take either case: not the first, not "I", not "1984"
-    free = [n for n, w in enumerate(written) if n and len(forms(w.split("-")[0].lower().strip(",.?!"), False)) == 2]
+    marks = "".join(MIDDLE + ENDS)
+    free = [n for n, w in enumerate(written) if n and len(forms(w.split("-")[0].lower().rstrip(marks), False)) == 2]
 
     def flip(s: tuple[str, ...], at: tuple[int, ...]) -> tuple[str, ...]:
         out = list(s)
