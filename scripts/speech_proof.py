@@ -8,6 +8,8 @@ SmolLM2-135M-Instruct frozen, then word error rate and spoken-dialogue agreement
     python scripts/speech_proof.py eval    # held-out figures -> docs/results/speech.json
     python scripts/speech_proof.py eval-conformer   # before speech_sft: the figures that only the
                                            # Conformer decides -> docs/results/speech_conformer.json
+    python scripts/speech_proof.py eval-conformer --model M --results NAME   # another Conformer's
+                                           # figures -> docs/results/NAME.json
     python scripts/speech_proof.py eval-dialogue   # only the dialogue figures again, in place
     python scripts/speech_proof.py eval speech.transcriber.word_bonus=1   # eval*: with changes to
                                            # the model's recorded config (how it decodes)
@@ -383,14 +385,14 @@ def report_dialogue(overrides: list[str] = ()) -> dict:
     return write_results("speech", {k: v for k, v in result.items() if k != "machine"})
 
 
-def report_conformer(model: Path | None = None, overrides: list[str] = ()) -> dict:
+def report_conformer(model: Path | None = None, overrides: list[str] = (), name: str = "speech_conformer") -> dict:
     """Before speech_sft: the figures that a Conformer stage's model (default speech_ctc_masked's)
-    decides."""
+    decides -> docs/results/<name>.json."""
     from digits import write_results
     from mm.train import run_summary
 
     model = (model or RUN / CONFORMER_STAGES[-1] / "final").resolve()
-    return write_results("speech_conformer", {
+    return write_results(name, {
         "model": str(model.relative_to(ROOT)), "heldout": evaluate(model, adapter=False, overrides=overrides),
         "training": {stage: run_summary(RUN / stage) for stage in CONFORMER_STAGES if (RUN / stage).is_dir()},
         "corpus": json.loads((DATA / "corpus.json").read_text())})
@@ -411,6 +413,8 @@ def main() -> None:
                                          "heads", "fit-intonation", "fit-closing", "punctuation-oracle", "all"])
     parser.add_argument("--model", type=Path, help=f"the model of dev, dev-lm and heads (default "
                         f"{FINAL.relative_to(ROOT)}) and of eval-conformer (default {CONFORMER_STAGES[-1]}'s)")
+    parser.add_argument("--results", default="speech_conformer", help="eval-conformer: the figures -> "
+                        "docs/results/RESULTS.json (another model's figures beside the recorded chain's)")
     parser.add_argument("--rows", default="dialogue_heldout", help="punctuation-oracle: the sentences (a "
                         "data/speech/*.jsonl set: dialogue_heldout, dialogue_train, asr_dev, ...)")
     parser.add_argument("--limit", type=int, default=0, help="punctuation-oracle: only the first LIMIT sentences")
@@ -447,7 +451,7 @@ def main() -> None:
     if args.step in ("eval", "all"):
         print(json.dumps(report(args.overrides if args.step == "eval" else ()), indent=2))
     if args.step == "eval-conformer":
-        print(json.dumps(report_conformer(args.model, args.overrides)["heldout"], indent=2))
+        print(json.dumps(report_conformer(args.model, args.overrides, args.results)["heldout"], indent=2))
     if args.step == "eval-dialogue":
         print(json.dumps(report_dialogue(args.overrides)["heldout"], indent=2))
 
