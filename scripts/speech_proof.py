@@ -389,13 +389,23 @@ def report_conformer(model: Path | None = None, overrides: list[str] = (), name:
     """Before speech_sft: the figures that a Conformer stage's model (default speech_ctc_masked's)
     decides -> docs/results/<name>.json."""
     from digits import write_results
-    from mm.train import run_summary
 
     model = (model or RUN / CONFORMER_STAGES[-1] / "final").resolve()
     return write_results(name, {
         "model": str(model.relative_to(ROOT)), "heldout": evaluate(model, adapter=False, overrides=overrides),
-        "training": {stage: run_summary(RUN / stage) for stage in CONFORMER_STAGES if (RUN / stage).is_dir()},
-        "corpus": json.loads((DATA / "corpus.json").read_text())})
+        "training": conformer_training(model), "corpus": json.loads((DATA / "corpus.json").read_text())})
+
+
+def conformer_training(model: Path) -> dict:
+    """The training runs behind a model: the chain's Conformer stages up to the one it is the final
+    of, or its own run."""
+    from mm.train import run_summary
+
+    run = model.parent
+    if run.parent == RUN.resolve() and run.name in CONFORMER_STAGES:
+        chain = CONFORMER_STAGES[:CONFORMER_STAGES.index(run.name) + 1]
+        return {stage: run_summary(RUN / stage) for stage in chain if (RUN / stage / "metrics.jsonl").is_file()}
+    return {run.name: run_summary(run)} if (run / "metrics.jsonl").is_file() else {}
 
 
 def report(overrides: list[str] = ()) -> dict:
