@@ -138,6 +138,9 @@ def load_adapter_tensors(model: MultimodalModel, tensors: dict, source) -> None:
         if t.shape != own[name].shape and name.startswith("encoders.image."):
             # a stage at another resolution: resample positional embeddings to the new grid
             tensors[name] = t = model.encoders["image"].resize_tensor(name[len("encoders.image."):], t)
+        if t.shape != own[name].shape and name.startswith("encoders.audio."):
+            # a character head read at another number of labels per frame (speech.ctc_upsample)
+            tensors[name] = t = model.encoders["audio"].resize_tensor(name[len("encoders.audio."):], t)
         if t.shape != own[name].shape:
             raise CheckpointError(source, f"tensor '{name}' has shape {list(t.shape)}, model has {list(own[name].shape)}")
     model.load_state_dict(tensors, strict=False)

@@ -654,8 +654,9 @@ class MultimodalModel(nn.Module):
         encoder = self.encoders["audio"]
         features = AudioFeatures.pad([self.audio_processor.log_mel_of(w) for w in waves])
         features = features.to(self.media_embedding.weight.device)
-        states, mask = encoder(features.features.to(self.media_embedding.weight.dtype), features.lengths)
-        return [row[:n] for row, n in zip(encoder.ctc_head(states).float().log_softmax(-1), mask.sum(1).tolist())]
+        logits, mask = encoder.characters(*encoder(features.features.to(self.media_embedding.weight.dtype),
+                                                   features.lengths))
+        return [row[:n] for row, n in zip(logits.float().log_softmax(-1), mask.sum(1).tolist())]
 
     @torch.no_grad()
     def write_out(self, read: list[list[str]], waves: list[Tensor],
@@ -677,8 +678,10 @@ class MultimodalModel(nn.Module):
             questions = [(question_log_odds(final_rise(w), t.question_weight) if t.question_weight else 0.0)
                          + t.question_prior if words else 0.0
                          for w, words in zip(waves, read)]  # nothing read: nothing to punctuate
-            pauses = [None if x is None else word_gaps(x, words, CHARACTERS)
-                      for x, words in zip(heard or [None] * len(read), read)]
+            per_frame = self.encoders["audio"].config.ctc_upsample  # the head's labels per 40 ms frame
+            gaps = [None if x is None else word_gaps(x, words, CHARACTERS)
+                    for x, words in zip(heard or [None] * len(read), read)]
+            pauses = [None if g is None else [n / per_frame for n in g] for g in gaps]
             return lockstep([punctuation_steps(words, lm, t.punctuation_beam, gaps, t.pause_weight, t.pause_frames, q,
                                                t.recase)
                              for words, gaps, q in zip(read, pauses, questions)], lm)

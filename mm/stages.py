@@ -506,7 +506,7 @@ class SpeechCTC:
     `keep` takes the encoder's output of the same forward pass (a forward hook)."""
 
     def __init__(self, encoder: nn.Module) -> None:
-        self.head = encoder.ctc_head
+        self.encoder = encoder
         self._encoded: tuple[Tensor, Tensor] | None = None
 
     def keep(self, module, args, output) -> None:
@@ -514,7 +514,7 @@ class SpeechCTC:
 
     def loss(self, targets: Tensor, target_lengths: Tensor) -> Tensor:
         (states, mask), self._encoded = self._encoded, None
-        return ctc_loss(self.head(states), mask, targets, target_lengths)
+        return ctc_loss(*self.encoder.characters(states, mask), targets, target_lengths)
 
 
 def ctc_loss(logits: Tensor, mask: Tensor, targets: Tensor, target_lengths: Tensor) -> Tensor:
@@ -542,4 +542,4 @@ class CTCObjective(nn.Module):
     def greedy(self, features: Tensor, lengths: Tensor) -> list[str]:
         """Best-path decoding of the character head (for a quick look at what the encoder hears)."""
         states, mask = self.encoder(features, lengths)
-        return ["".join(CHARACTERS[i - 1] for i in ids) for ids in best_path(self.ctc.head(states), mask)]
+        return ["".join(CHARACTERS[i - 1] for i in ids) for ids in best_path(*self.encoder.characters(states, mask))]

@@ -87,6 +87,8 @@ class SpeechConfig:
     conv_kernel: int = 7
     dropout: float = 0.1
     rope_theta: float = 10000.0
+    ctc_upsample: int = 1  # character-head labels per encoder frame: 2 reads 20 ms labels from 40 ms
+    # frames, room for fast speech, whose letters (and the blank between doubled ones) crowd 40 ms
     max_seconds: float = 60.0  # longer recordings are refused (memory is bounded by this)
     attach: str = "input"  # input: adapter outputs spliced into the decoder input between audio
     # tokens; cross_attention: gated cross-attention blocks at the image blocks' layers
@@ -119,8 +121,8 @@ class SpeechConfig:
             problems.append(f"dialogue '{self.dialogue}' is not auto, embeddings or transcript")
         if self.conv_kernel % 2 == 0 or self.adapter.kernel % 2 == 0:
             problems.append("conv_kernel and adapter.kernel must be odd")
-        if min(self.stack, self.adapter.stride, self.layers, self.n_mels) < 1 or self.max_seconds <= 0:
-            problems.append("stack, adapter.stride, layers, n_mels and max_seconds must be positive")
+        if min(self.stack, self.adapter.stride, self.layers, self.n_mels, self.ctc_upsample) < 1 or self.max_seconds <= 0:
+            problems.append("stack, adapter.stride, layers, n_mels, ctc_upsample and max_seconds must be positive")
         return problems
 
     def encoder_frames(self, feature_frames: Tensor | int):
@@ -230,13 +232,33 @@ class ConformerEncoder(nn.Module):
         self.config = config
         self.input_proj = nn.Linear(config.stack * config.n_mels, config.width)
         self.layers = nn.ModuleList([ConformerLayer(config) for _ in range(config.layers)])
-        self.ctc_head = nn.Linear(config.width, len(CHARACTERS) + 1)
+        self.ctc_head = nn.Linear(config.width, config.ctc_upsample * (len(CHARACTERS) + 1))
         nn.init.zeros_(self.ctc_head.weight)
         nn.init.zeros_(self.ctc_head.bias)
 
     def has_ctc_head(self) -> bool:
         """Whether a stage trained the character head (an untrained one is all zeros)."""
         return bool(self.ctc_head.weight.detach().any())
+
+    def characters(self, states: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """The character head's logits [b, T * ctc_upsample, 1 + len(CHARACTERS)] (blank first) for
+        the encoder's states [b, T, width], with their mask: each frame gives ctc_upsample labels."""
+        k = self.config.ctc_upsample
+        logits = self.ctc_head(states)
+        return logits.reshape(logits.shape[0], -1, len(CHARACTERS) + 1), mask.repeat_interleave(k, dim=1)
+
+    def resize_tensor(self, name: str, tensor: Tensor) -> Tensor:
+        """A character head trained with fewer labels per frame (ctc_upsample a multiple of its
+        own) -> this head: each of its labels repeated, so that the head reads as before (CTC
+        merges a label repeated without a blank between) and the extra labels start there.
+        Other tensors are returned unchanged."""
+        classes = len(CHARACTERS) + 1
+        if name in ("ctc_head.weight", "ctc_head.bias") and tensor.shape[0] % classes == 0:
+            k, old = self.config.ctc_upsample, tensor.shape[0] // classes
+            if k % old == 0:
+                rows = tensor.reshape(old, classes, *tensor.shape[1:])
+                return rows.repeat_interleave(k // old, dim=0).reshape(k * classes, *tensor.shape[1:])
+        return tensor
 
     def stack(self, features: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         return stack_frames(features, lengths, self.config.stack)

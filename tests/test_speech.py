@@ -51,6 +51,31 @@ def test_conformer_frames_and_padding_do_not_leak():
     assert states[0, 10:].abs().max() == 0
 
 
+def test_character_head_reads_several_labels_per_frame():
+    """speech.ctc_upsample k: each 40 ms frame gives k character labels; a head trained with
+    fewer labels per frame, each repeated (resize_tensor), reads what it read before."""
+    from dataclasses import replace
+
+    from speech.adapter import best_path
+
+    torch.manual_seed(0)
+    one = ConformerEncoder(TINY).eval()
+    one.ctc_head.reset_parameters()
+    two = ConformerEncoder(replace(TINY, ctc_upsample=2)).eval()
+    two.load_state_dict({k: two.resize_tensor(k, v) for k, v in one.state_dict().items()})
+    batch = AudioFeatures.pad([torch.randn(37, 80), torch.randn(90, 80)])
+    with torch.no_grad():
+        states, mask = one(batch.features, batch.lengths)
+        logits, frames = one.characters(states, mask)
+        doubled, doubled_frames = two.characters(*two(batch.features, batch.lengths))
+    assert logits.shape == (2, 23, 39) and doubled.shape == (2, 46, 39)
+    assert doubled_frames.sum(1).tolist() == [20, 46] and torch.equal(doubled_frames[:, ::2], mask)
+    assert torch.equal(doubled[:, ::2], logits) and torch.equal(doubled[:, 1::2], logits)
+    assert best_path(doubled, doubled_frames) == best_path(logits, frames)
+    assert two.resize_tensor("ctc_head.weight", torch.zeros(3 * 39, 32)).shape == (3 * 39, 32)  # not a multiple: kept
+    assert SpeechConfig(ctc_upsample=0).validate()
+
+
 def test_adapter_halves_the_frame_rate_to_the_decoder_width():
     adapter = SpeechAdapter(TINY, d_model=48).eval()
     states, mask = torch.randn(2, 23, 32), torch.arange(23)[None] < torch.tensor([[10], [23]])
@@ -477,6 +502,21 @@ def test_speech_ctc_stage_and_size_grouped_batches(speech_shards, tmp_path):
     plain = Task(stage_config(tmp_path, "speech_sft", [speech_shards / "asr"], [f"init={final}"]))
     assert not any(k.startswith("encoders.audio.ctc_head.") for k in plain.trainable)
     assert not plain.model.encoders["audio"].ctc_head.weight.requires_grad
+
+    # loaded to read two labels per frame (speech.ctc_upsample), the head reads as it did and
+    # its CTC loss trains the encoder; a head that is not a whole fraction of the new one is refused
+    doubled = mm.load(final, overrides=["speech.ctc_upsample=2"])
+    again = CTCObjective(doubled.encoders["audio"])
+    assert again.greedy(batch["features"], batch["lengths"]) == objective.greedy(batch["features"], batch["lengths"])
+    loss = again(**batch)[0]
+    loss.backward()
+    assert torch.isfinite(loss) and doubled.encoders["audio"].input_proj.weight.grad.abs().sum() > 0
+    from mm.api import load_adapter_tensors
+
+    tripled = mm.load(final, overrides=["speech.ctc_upsample=3"])
+    two_per_frame = doubled.encoders["audio"].ctc_head.weight.detach()
+    with pytest.raises(mm.CheckpointError, match="ctc_head.weight' has shape"):
+        load_adapter_tensors(tripled, {"encoders.audio.ctc_head.weight": two_per_frame}, final)
 
     # a head trained from nothing starts at nn.Linear's initialisation: at the zeros that mark it
     # untrained the encoder would get no gradient at all
