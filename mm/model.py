@@ -679,9 +679,9 @@ class MultimodalModel(nn.Module):
                          + t.question_prior if words else 0.0
                          for w, words in zip(waves, read)]  # nothing read: nothing to punctuate
             per_frame = self.encoders["audio"].config.ctc_upsample  # the head's labels per 40 ms frame
-            gaps = [None if x is None else word_gaps(x, words, CHARACTERS)
-                    for x, words in zip(heard or [None] * len(read), read)]
-            pauses = [None if g is None else [n / per_frame for n in g] for g in gaps]
+            aligned = [None if x is None else word_gaps(x, words, CHARACTERS)
+                       for x, words in zip(heard or [None] * len(read), read)]  # in the head's frames
+            pauses = [None if g is None else [n / per_frame for n in g] for g in aligned]
             return lockstep([punctuation_steps(words, lm, t.punctuation_beam, gaps, t.pause_weight, t.pause_frames, q,
                                                t.recase)
                              for words, gaps, q in zip(read, pauses, questions)], lm)
