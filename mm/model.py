@@ -679,9 +679,8 @@ class MultimodalModel(nn.Module):
                          + t.question_prior if words else 0.0
                          for w, words in zip(waves, read)]  # nothing read: nothing to punctuate
             per_frame = self.encoders["audio"].config.ctc_upsample  # the head's labels per 40 ms frame
-            aligned = [None if x is None else word_gaps(x, words, CHARACTERS)
-                       for x, words in zip(heard or [None] * len(read), read)]  # in the head's frames
-            pauses = [None if g is None else [n / per_frame for n in g] for g in aligned]
+            pauses = [None if x is None else word_gaps(x, words, CHARACTERS, per_frame)
+                      for x, words in zip(heard or [None] * len(read), read)]
             return lockstep([punctuation_steps(words, lm, t.punctuation_beam, gaps, t.pause_weight, t.pause_frames, q,
                                                t.recase)
                              for words, gaps, q in zip(read, pauses, questions)], lm)

@@ -59,10 +59,13 @@ def forms(word: str, first: bool) -> tuple[str, ...]:
     return (word,) if capital == word else (word, capital)
 
 
-def word_gaps(log_probs: Tensor, words: list[str], alphabet: str) -> list[float] | None:
-    """Frames between each word and the next where the character head read `words` (one
-    recording's log-probabilities [T, 1 + len(alphabet)], blank first; speech/align.py); None
-    when they cannot be aligned."""
+def word_gaps(log_probs: Tensor, words: list[str], alphabet: str, per_frame: int = 1) -> list[float] | None:
+    """40 ms frames between each word and the next where the character head read `words` (one
+    recording's log-probabilities [T, 1 + len(alphabet)], blank first; speech/align.py): the
+    next word's first frame less this one's last. None when they cannot be aligned. A head
+    reading `per_frame` labels a frame (speech.ctc_upsample) is aligned in its own labels, its
+    silent labels between the words counted back in frames, so that the gap means what the
+    pause weights were fitted on."""
     labels = [alphabet.index(c) + 1 for c in " ".join(words)]
     spans = ctc_align(log_probs, labels) if words else None
     if spans is None:
@@ -70,7 +73,8 @@ def word_gaps(log_probs: Tensor, words: list[str], alphabet: str) -> list[float]
     gaps, at = [], 0
     for word in words[:-1]:
         at += len(word)
-        gaps.append(float(spans[at + 1][0] - spans[at - 1][1]))  # first of the next word - last of this one
+        silent = spans[at + 1][0] - spans[at - 1][1] - 1  # labels between this word's last and the next's first
+        gaps.append(silent / per_frame + 1)
         at += 1
     return gaps
 
