@@ -63,9 +63,8 @@ def word_gaps(log_probs: Tensor, words: list[str], alphabet: str, per_frame: int
     """40 ms frames between each word and the next where the character head read `words` (one
     recording's log-probabilities [T, 1 + len(alphabet)], blank first; speech/align.py): the
     next word's first frame less this one's last. None when they cannot be aligned. A head
-    reading `per_frame` labels a frame (speech.ctc_upsample) is aligned in its own labels, its
-    silent labels between the words counted back in frames, so that the gap means what the
-    pause weights were fitted on."""
+    reading `per_frame` labels a frame (speech.ctc_upsample) is aligned in its own labels and the
+    time between the two characters counted in frames, what the pause weights were fitted on."""
     labels = [alphabet.index(c) + 1 for c in " ".join(words)]
     spans = ctc_align(log_probs, labels) if words else None
     if spans is None:
@@ -73,8 +72,7 @@ def word_gaps(log_probs: Tensor, words: list[str], alphabet: str, per_frame: int
     gaps, at = [], 0
     for word in words[:-1]:
         at += len(word)
-        silent = spans[at + 1][0] - spans[at - 1][1] - 1  # labels between this word's last and the next's first
-        gaps.append(silent / per_frame + 1)
+        gaps.append((spans[at + 1][0] - spans[at - 1][1]) / per_frame)  # first of the next word - last of this one
         at += 1
     return gaps
 

@@ -122,11 +122,11 @@ def test_alignment_finds_each_character_and_the_pauses_between_words():
     spans = ctc_align(spoken(frames, alphabet), [alphabet.index(c) + 1 for c in "ab ca b"])
     assert spans == [(1, 2), (4, 4), (6, 6), (11, 12), (14, 14), (18, 18), (20, 20)]
     assert word_gaps(spoken(frames, alphabet), ["ab", "ca", "b"], alphabet) == [7.0, 6.0]
-    # a head reading two labels a frame (speech.ctc_upsample 2), each label read twice: the
-    # same pauses, in 40 ms frames
-    twice = [c for c in frames for _ in range(2)]
-    assert word_gaps(spoken(twice, alphabet), ["ab", "ca", "b"], alphabet, per_frame=2) == [7.0, 6.0]
-    halved = list("_ab_ ___c_a_") + list("_ _b")  # 5 silent labels after "ab" (2.5 frames), 4 after "ca"
-    assert word_gaps(spoken(halved, alphabet), ["ab", "ca", "b"], alphabet, per_frame=2) == [3.5, 3.0]
+    # a head reading two labels a frame (speech.ctc_upsample 2), each character where it was,
+    # then a blank (or itself, held): the same pauses, in 40 ms frames
+    two = [label for c, after in zip(frames, frames[1:] + ["_"]) for label in (c, c if after == c else "_")]
+    assert word_gaps(spoken(two, alphabet), ["ab", "ca", "b"], alphabet, per_frame=2) == [7.0, 6.0]
+    finer = list("_ab_ ___c_a_") + list("_ _b")  # "ca" 6 labels after "ab" (3 frames), "b" 5 after "ca"
+    assert word_gaps(spoken(finer, alphabet), ["ab", "ca", "b"], alphabet, per_frame=2) == [3.0, 2.5]
     assert ctc_align(spoken(list("a"), alphabet), [2, 2]) is None  # "bb" needs three frames
     assert ctc_align(spoken(list("_b_b_"), alphabet), [2, 2]) == [(1, 1), (3, 3)]
