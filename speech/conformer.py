@@ -59,8 +59,11 @@ class TranscriberConfig:
     word_bonus: float = 1.0  # beta: added per word, against the cost each word's LM score adds
     beam: int = 16  # prefixes kept per label frame of the character head
     unknown_word: float = 10.0  # charged to a partial word that no decoder word starts with
-    unknown_char: float = 1.0  # and more for each further character it runs past the longest
-    # start of a word (speech/lm_beam.py): against unknown words running on through spaces
+    unknown_char: float = 3.0  # and more for each further character it runs past the longest
+    # start of a word (speech/lm_beam.py): against unknown words running on through spaces (dev
+    # WER by it: README, Speech)
+    lm_cased: bool = False  # the search scores each word as written and capitalised, together
+    # (speech/lm_beam.py, WordLM): names the decoder knows only with their capitals
     punctuate: bool = True  # characters: casing and punctuation chosen by the decoder
     # (speech/punctuation.py); false: lower case, the first letter and "I" capitalised
     punctuation_beam: int = 4

@@ -27,7 +27,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from speech.align import ctc_align
-from speech.lm_beam import Requests, WordLM, lockstep
+from speech.lm_beam import Requests, WordLM, as_written, lockstep
 
 MIDDLE = ("", ",")  # what may follow a word inside the sentence
 ENDS = (".", "?", "!")  # what may end it
@@ -51,10 +51,9 @@ def pause_log_odds(frames: float, weight: float = 2.8, center: float = 3.1) -> f
 
 def forms(word: str, first: bool) -> tuple[str, ...]:
     """The written forms a word as read may take."""
-    if word == "i" or word.startswith("i'"):
-        return ("I" + word[1:],)
-    if first:
-        return (word[:1].upper() + word[1:],)
+    written = as_written(word, first)
+    if written != word:
+        return (written,)
     capital = word[:1].upper() + word[1:]
     return (word,) if capital == word else (word, capital)
 
