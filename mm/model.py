@@ -642,7 +642,7 @@ class MultimodalModel(nn.Module):
             self._lexicon = Lexicon(self.tokenizer)
         waves = [self.audio_processor.wave(a) for a in recordings]
         heard = self.hear_characters(waves)
-        lm = WordLM(self.decoder, self.tokenizer, cased=t.lm_cased)  # its key/value cache lives as long as this call
+        lm = WordLM(self.decoder, self.tokenizer)  # its key/value cache lives as long as this call
         found = lockstep([search_steps(x, CHARACTERS, lm, t.lm_weight, t.word_bonus, t.beam, lexicon=self._lexicon,
                                        unknown=t.unknown_word, unknown_char=t.unknown_char) for x in heard], lm)
         return self.write_out([next(iter(f), "").split() for f in found], waves, heard)

@@ -62,8 +62,6 @@ class TranscriberConfig:
     unknown_char: float = 3.0  # and more for each further character it runs past the longest
     # start of a word (speech/lm_beam.py): against unknown words running on through spaces (dev
     # WER by it: README, Speech)
-    lm_cased: bool = False  # the search scores each word as written and capitalised, together
-    # (speech/lm_beam.py, WordLM): names the decoder knows only with their capitals
     punctuate: bool = True  # characters: casing and punctuation chosen by the decoder
     # (speech/punctuation.py); false: lower case, the first letter and "I" capitalised
     punctuation_beam: int = 4

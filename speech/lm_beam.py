@@ -54,15 +54,10 @@ def as_written(word: str, first: bool) -> str:
 
 class WordLM:
     """log p(word | words before it) under a frozen causal LM (words joined by single spaces, the
-    first and "I" capitalised: `as_written`), cached per word sequence. The text follows `context` (token ids; by default the decoder's
-    document separator); the word END stands for the tokens `end` (say, those that close a chat
-    turn), so that how a text ends can be scored too.
-
-    With `cased`, a word that may also be written with a capital (any but the first and "I") is
-    scored both ways, p("word") + p("Word") after the words before it as they were likeliest
-    written, and the text goes on from the likelier of the two: the decoder knows "Lebanon" and
-    "Iowa" far better than "lebanon" and "iowa", which a search over lower-case spellings
-    otherwise pays for. It doubles the decoder's rows.
+    first and "I" capitalised: `as_written`), cached per word sequence. The text follows
+    `context` (token ids; by default the decoder's document separator); the word END stands for
+    the tokens `end` (say, those that close a chat turn), so that how a text ends can be scored
+    too.
 
     Keys and values are kept per scored sequence, for the tokens of its last word only (a chain:
     a sequence's keys are its parent's followed by its own), with the decoder's last hidden state
@@ -73,8 +68,8 @@ class WordLM:
     END = "\x00end"
 
     def __init__(self, decoder, tokenizer, batch_size: int = 64, context: list[int] | None = None,
-                 end: list[int] = (), cased: bool = False) -> None:
-        self.decoder, self.tokenizer, self.batch_size, self.cased = decoder, tokenizer, batch_size, cased
+                 end: list[int] = ()) -> None:
+        self.decoder, self.tokenizer, self.batch_size = decoder, tokenizer, batch_size
         separator = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.start = list(context) if context else [separator]
         self.end = list(end)
@@ -104,9 +99,6 @@ class WordLM:
         todo = [s for s in dict.fromkeys(sequences) if s not in self.totals]
         if () not in self._keys:
             self._run([((), [((), self.start)])])
-        if self.cased:
-            self._add_cased(todo)
-            return
         rows = []
         for s in todo:
             cut = next(n for n in range(len(s), -1, -1) if s[:n] in self._keys)
@@ -115,31 +107,6 @@ class WordLM:
         rows.sort(key=lambda row: sum(len(piece) for _, piece in row[1]))
         for i in range(0, len(rows), self.batch_size):
             self._run(rows[i:i + self.batch_size])
-
-    def _add_cased(self, todo: list[tuple[str, ...]]) -> None:
-        """`add` with each word scored as written and, where it differs, capitalised: a word
-        further each round, both forms of it in one batch. A capitalised form is kept under its
-        own key (no word as read has capitals) until the two are merged."""
-        while todo:
-            grow = dict.fromkeys(s[:next(n for n in range(len(s), -1, -1) if s[:n] in self._keys) + 1] for s in todo)
-            rows, pairs = [], []
-            for s in grow:
-                word, first = s[-1], len(s) == 1
-                rows.append((s[:-1], [(s, self.pieces(word, first))]))
-                capital = word[:1].upper() + word[1:]
-                if word != self.END and as_written(word, first) != capital:
-                    rows.append((s[:-1], [(s[:-1] + (capital,), self.pieces(capital, first))]))
-                    pairs.append((s, s[:-1] + (capital,)))
-            rows.sort(key=lambda row: len(row[1][0][1]))
-            for i in range(0, len(rows), self.batch_size):
-                self._run(rows[i:i + self.batch_size])
-            for s, capital in pairs:
-                plain, upper = self.totals[s], self.totals.pop(capital)
-                self.totals[s] = logaddexp(plain, upper)
-                keys, hidden = self._keys.pop(capital), self._hidden.pop(capital)
-                if upper > plain:
-                    self._keys[s], self._hidden[s] = keys, hidden
-            todo = [s for s in todo if s not in self.totals]
 
     def _run(self, rows: list[tuple[tuple[str, ...], list[tuple[tuple[str, ...], list[int]]]]]) -> None:
         """rows: (a scored prefix, [(each longer sequence, the tokens it adds)]) -> their totals,

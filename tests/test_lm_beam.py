@@ -60,33 +60,6 @@ def test_word_scores_add_up_to_the_decoders_sentence_probability():
     assert math.isclose(lm.total(said), sentence_log_prob(decoder, lm, said), rel_tol=1e-5)
 
 
-def test_cased_scores_add_each_words_forms_and_go_on_from_the_likelier():
-    decoder, tokenizer = load_decoder("tiny")
-    lm = WordLM(decoder, tokenizer, batch_size=3, cased=True)
-    said = ("ab", "i", "ba", "b", "ab")
-    lm.add([said, ("ab", "b")])
-
-    def log_prob(ids: list[int]) -> float:
-        with torch.no_grad():
-            log_probs = decoder(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
-        return sum(float(log_probs[i, ids[i + 1]]) for i in range(len(ids) - 1))
-
-    ids = lm.start + tokenizer("Ab", add_special_tokens=False).input_ids  # the first word: one form
-    expected = log_prob(ids)
-    assert math.isclose(lm.total(said[:1]), expected, rel_tol=1e-5)
-    for n, word in enumerate(said[1:], 2):
-        forms = ["I"] if word == "i" else [word, word.capitalize()]
-        grown = [ids + tokenizer(" " + form, add_special_tokens=False).input_ids for form in forms]
-        scores = [log_prob(g) - log_prob(ids) for g in grown]
-        expected += float(torch.tensor(scores).logsumexp(0))
-        ids = grown[scores.index(max(scores))]
-        assert math.isclose(lm.total(said[:n]), expected, rel_tol=1e-5, abs_tol=1e-5), said[:n]
-    plain = WordLM(decoder, tokenizer)
-    plain.add([("ab", "b")])
-    assert lm.total(("ab", "b")) > plain.total(("ab", "b"))  # "Ab b" or "Ab B": more than "Ab b" alone
-    assert not any(w[:1].isupper() for s in lm.totals for w in s)  # capitalised forms are merged away
-
-
 def test_cached_keys_give_the_same_scores_as_reading_the_whole_text():
     decoder, tokenizer = load_decoder("tiny")
     lm = WordLM(decoder, tokenizer, batch_size=3)
