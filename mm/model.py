@@ -668,7 +668,7 @@ class MultimodalModel(nn.Module):
         pauses between the words for commas; otherwise only the first word and "I" capitalised."""
         from speech.conformer import CHARACTERS
         from speech.intonation import final_rise, question_log_odds
-        from speech.lm_beam import WordLM, lockstep
+        from speech.lm_beam import WordLM, as_written, lockstep
         from speech.punctuation import punctuation_steps, user_turn, word_gaps
 
         t = self.config.speech.transcriber
@@ -684,11 +684,7 @@ class MultimodalModel(nn.Module):
             return lockstep([punctuation_steps(words, lm, t.punctuation_beam, gaps, t.pause_weight, t.pause_frames, q,
                                                t.recase)
                              for words, gaps, q in zip(read, pauses, questions)], lm)
-        out = []
-        for words in read:
-            text = " ".join(w.capitalize() if w == "i" or w.startswith("i'") else w for w in words)
-            out.append(text[:1].upper() + text[1:])
-        return out
+        return [" ".join(as_written(w, n == 0) for n, w in enumerate(words)) for words in read]
 
     def dialogue_method(self) -> str:
         """embeddings or transcript: how generate("", audio=...) replies (speech.dialogue, auto resolved)."""

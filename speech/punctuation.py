@@ -54,7 +54,7 @@ def forms(word: str, first: bool) -> tuple[str, ...]:
     written = as_written(word, first)
     if written != word:
         return (written,)
-    capital = word[:1].upper() + word[1:]
+    capital = as_written(word, first=True)
     return (word,) if capital == word else (word, capital)
 
 
