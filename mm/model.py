@@ -635,17 +635,25 @@ class MultimodalModel(nn.Module):
         cased and punctuated by the decoder (speech/punctuation.py) when transcriber.punctuate.
         The recordings are searched side by side, their language-model requests batched."""
         from speech.conformer import CHARACTERS
-        from speech.lm_beam import Lexicon, WordLM, lockstep, search_steps
+        from speech.lm_beam import WordLM, lockstep, search_steps
 
         t = self.config.speech.transcriber
-        if self._lexicon is None:
-            self._lexicon = Lexicon(self.tokenizer)
         waves = [self.audio_processor.wave(a) for a in recordings]
         heard = self.hear_characters(waves)
-        lm = WordLM(self.decoder, self.tokenizer)  # its key/value cache lives as long as this call
-        found = lockstep([search_steps(x, CHARACTERS, lm, t.lm_weight, t.word_bonus, t.beam, lexicon=self._lexicon,
+        lexicon = self.lexicon()
+        lm = WordLM(self.decoder, self.tokenizer, names=lexicon.names)  # its cache lives as long as this call
+        found = lockstep([search_steps(x, CHARACTERS, lm, t.lm_weight, t.word_bonus, t.beam, lexicon=lexicon,
                                        unknown=t.unknown_word, unknown_char=t.unknown_char) for x in heard], lm)
         return self.write_out([next(iter(f), "").split() for f in found], waves, heard)
+
+    def lexicon(self):
+        """The character search's lexicon (speech/lm_beam.py): the decoder's words and
+        speech.transcriber.word_list's, built on first use."""
+        from speech.lm_beam import Lexicon, read_word_list
+
+        if self._lexicon is None:
+            self._lexicon = Lexicon(self.tokenizer, read_word_list(self.config.speech.transcriber.word_list))
+        return self._lexicon
 
     @torch.no_grad()
     def hear_characters(self, waves: list[Tensor]) -> list[Tensor]:
@@ -674,7 +682,7 @@ class MultimodalModel(nn.Module):
         t = self.config.speech.transcriber
         if t.punctuate:
             context, end = user_turn(self.tokenizer)
-            lm = WordLM(self.decoder, self.tokenizer, context=context, end=end)
+            lm = WordLM(self.decoder, self.tokenizer, context=context, end=end, names=self.lexicon().names)
             questions = [(question_log_odds(final_rise(w), t.question_weight) if t.question_weight else 0.0)
                          + t.question_prior if words else 0.0
                          for w, words in zip(waves, read)]  # nothing read: nothing to punctuate
@@ -684,7 +692,8 @@ class MultimodalModel(nn.Module):
             return lockstep([punctuation_steps(words, lm, t.punctuation_beam, gaps, t.pause_weight, t.pause_frames, q,
                                                t.recase)
                              for words, gaps, q in zip(read, pauses, questions)], lm)
-        return [" ".join(as_written(w, n == 0) for n, w in enumerate(words)) for words in read]
+        names = self.lexicon().names
+        return [" ".join(as_written(w, n == 0, names) for n, w in enumerate(words)) for words in read]
 
     def dialogue_method(self) -> str:
         """embeddings or transcript: how generate("", audio=...) replies (speech.dialogue, auto resolved)."""

@@ -58,10 +58,14 @@ class TranscriberConfig:
     lm_weight: float = 0.5  # alpha: the language model's share of a prefix's score
     word_bonus: float = 1.0  # beta: added per word, against the cost each word's LM score adds
     beam: int = 16  # prefixes kept per label frame of the character head
-    unknown_word: float = 10.0  # charged to a partial word that no decoder word starts with
-    unknown_char: float = 3.0  # and more for each further character it runs past the longest
+    unknown_word: float = 10.0  # charged to a partial word that no word of the lexicon starts with
+    unknown_char: float = 5.0  # and more for each further character it runs past the longest
     # start of a word (speech/lm_beam.py): against unknown words running on through spaces (dev
-    # WER by it: README, Speech)
+    # WER by it, with and without word_list: README, Speech)
+    word_list: str | None = "/usr/share/dict/words"  # a file of words, one a line (Debian's
+    # wamerican), that the search's lexicon knows besides the decoder's whole-word tokens; empty
+    # (word_list= on a command line): those alone.
+    # Missing: a warning, and those alone (dev WER with and without: README, Speech)
     punctuate: bool = True  # characters: casing and punctuation chosen by the decoder
     # (speech/punctuation.py); false: lower case, the first letter and "I" capitalised
     punctuation_beam: int = 4

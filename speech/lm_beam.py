@@ -13,7 +13,8 @@ frozen decoder itself: each word is scored when the space after it (or the end o
 completes it, as log p(" word" tokens | the words before it), so a word's spelling only pays once
 it is whole. beta offsets the per-word cost that the language model adds. Since an unfinished
 word pays nothing yet, a search left at that would run words together ("nitwitideasare..."):
-a partial word that none of the decoder's whole-word tokens starts with (`Lexicon`) is charged
+a partial word that no word of the lexicon starts with (`Lexicon`: the decoder's whole-word
+tokens and a word list's words) is charged
 `unknown`, and `unknown_char` more for each further character past the longest start of a word,
 until it ends, when the language model's own score takes over. The charge grows with the word as
 the language model's score of a word it does not know does: a fixed charge let one unknown word,
@@ -24,9 +25,12 @@ The decoder is only read: `WordLM` runs it under no_grad on token ids and never 
 """
 from __future__ import annotations
 
+import bisect
 import math
-from collections.abc import Generator
+import warnings
+from collections.abc import Collection, Generator, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -46,15 +50,17 @@ def logaddexp(a: float, b: float) -> float:
     return m + math.log1p(math.exp(-abs(a - b)))
 
 
-def as_written(word: str, first: bool) -> str:
-    """A word as read (lower case) as it is written where it stands: the first of a text and the
-    pronoun I ("i", "i'm", "i'll") with a capital."""
-    return word[:1].upper() + word[1:] if first or word == "i" or word.startswith("i'") else word
+def as_written(word: str, first: bool, names: Collection[str] = ()) -> str:
+    """A word as read (lower case) as it is written where it stands: the first of a text, the
+    pronoun I ("i", "i'm", "i'll") and the `names` (lower case, as `Lexicon.names`: "iowa",
+    "einstein's") with a capital."""
+    capital = first or word == "i" or word.startswith("i'") or (bool(names) and word.partition("'")[0] in names)
+    return word[:1].upper() + word[1:] if capital else word
 
 
 class WordLM:
     """log p(word | words before it) under a frozen causal LM (words joined by single spaces, the
-    first and "I" capitalised: `as_written`), cached per word sequence. The text follows
+    first, "I" and `names` capitalised: `as_written`), cached per word sequence. The text follows
     `context` (token ids; by default the decoder's document separator); the word END stands for
     the tokens `end` (say, those that close a chat turn), so that how a text ends can be scored
     too.
@@ -68,8 +74,9 @@ class WordLM:
     END = "\x00end"
 
     def __init__(self, decoder, tokenizer, batch_size: int = 64, context: list[int] | None = None,
-                 end: list[int] = ()) -> None:
+                 end: list[int] = (), names: Collection[str] = frozenset()) -> None:
         self.decoder, self.tokenizer, self.batch_size = decoder, tokenizer, batch_size
+        self.names = names  # words written with a capital wherever they stand (`as_written`)
         separator = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.start = list(context) if context else [separator]
         self.end = list(end)
@@ -83,7 +90,7 @@ class WordLM:
             return self.end
         key = (word, first)
         if key not in self._pieces:
-            text = as_written(word, first)
+            text = as_written(word, first, self.names)
             self._pieces[key] = self.tokenizer(text if first else " " + text, add_special_tokens=False).input_ids
         return self._pieces[key]
 
@@ -169,18 +176,33 @@ CONTRACTIONS = ("s", "t", "ll", "ve", "re", "d", "m")
 
 class Lexicon:
     """Which partial words could still become a word: the decoder's own whole-word tokens
-    (a leading-space token of letters only), contractions of them (word + 's, 't, 'll, 've, 're,
-    'd, 'm) and numbers. Used only to charge, not to forbid: a word outside it still scores."""
+    (a leading-space token of letters only), the words of a word list (`words`: say, Debian's
+    /usr/share/dict/words, lower-cased; its possessives are the contractions below), contractions
+    of either (word + 's, 't, 'll, 've, 're, 'd, 'm) and numbers; and the list's `names`, which
+    the search and the writing-out spell with a capital (`as_written`). Used only to charge, not to
+    forbid: a word outside it still scores. Without a word list, a word the decoder spells in
+    pieces ("loathing", "shudder", "niagara") is charged as it is read, and the search drops it
+    for a spelling that is the start of one token word ("loading", "shuder")."""
 
-    def __init__(self, tokenizer) -> None:
-        words = {t[1:] for t in tokenizer.get_vocab() if t.startswith("Ġ") and t[1:].isalpha() and t[1:].islower()}
-        self.words = words
-        self.prefixes = {w[:i] for w in words for i in range(1, len(w) + 1)}
+    def __init__(self, tokenizer, words: Iterable[str] = ()) -> None:
+        vocab = {t[1:] for t in tokenizer.get_vocab() if t.startswith("Ġ") and t[1:].isalpha() and t[1:].islower()}
+        words = [w for w in words if w.isalpha() and w.isascii()]
+        listed = {w.lower() for w in words}
+        self.words = vocab | listed
+        # the list's names: words it has only with a capital ("Iowa", "Einstein"; not "Bill", as
+        # it has "bill" too, nor "SunOS")
+        lower = {w for w in words if w.islower()}
+        self.names = frozenset(w.lower() for w in words if w[:1].isupper() and w[1:].islower()) - lower
+        self._sorted = sorted(self.words)  # a prefix is a start of a word when the next word up starts with it
         self.tails = {c[:i] for c in CONTRACTIONS for i in range(len(c) + 1)}
         self._unknown: dict[str, int] = {}  # partial word -> unknown_length, as asked
 
+    def starts_a_word(self, partial: str) -> bool:
+        at = bisect.bisect_left(self._sorted, partial)
+        return at < len(self._sorted) and self._sorted[at].startswith(partial)
+
     def could_be(self, partial: str) -> bool:
-        if not partial or partial in self.prefixes or partial.isdigit():
+        if not partial or partial.isdigit() or self.starts_a_word(partial):
             return True
         head, apostrophe, tail = partial.partition("'")
         return bool(apostrophe) and head in self.words and tail in self.tails
@@ -199,6 +221,20 @@ class Lexicon:
         unknown for its first character past the longest start that is, per_char for each after."""
         extra = self.unknown_length(partial)
         return unknown + per_char * (extra - 1) if extra else 0.0
+
+
+def read_word_list(path: str | None) -> list[str]:
+    """The words of a word list file, one a line (speech.transcriber.word_list); none for "" or None. A
+    missing file is a warning, not an error: the search still reads, knowing fewer words."""
+    if not path:
+        return []
+    try:
+        return Path(path).read_text(encoding="utf-8", errors="replace").split()
+    except OSError as e:
+        warnings.warn(f"speech.transcriber.word_list: {path}: {e.strerror or e}; the character search knows only "
+                      f"the decoder's whole-word tokens (install Debian's wamerican, or leave word_list empty)",
+                      stacklevel=2)
+        return []
 
 
 @dataclass

@@ -24,6 +24,8 @@ The decoder is only read (through `WordLM`, under no_grad).
 """
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from torch import Tensor
 
 from speech.align import ctc_align
@@ -49,9 +51,9 @@ def pause_log_odds(frames: float, weight: float = 2.8, center: float = 3.1) -> f
     return weight * min(max(frames - center, -1.0), 1.5)
 
 
-def forms(word: str, first: bool) -> tuple[str, ...]:
-    """The written forms a word as read may take."""
-    written = as_written(word, first)
+def forms(word: str, first: bool, names: Collection[str] = ()) -> tuple[str, ...]:
+    """The written forms a word as read may take (`names`: as_written's)."""
+    written = as_written(word, first, names)
     if written != word:
         return (written,)
     capital = as_written(word, first=True)
@@ -109,7 +111,7 @@ def punctuation_steps(words: list[str] | str, lm: WordLM, beam: int = 4, pauses:
         words = words.split()
     if not words:
         return ""
-    plain = [forms(w, n == 0)[0] for n, w in enumerate(words)]
+    plain = [forms(w, n == 0, lm.names)[0] for n, w in enumerate(words)]
     closing = (WordLM.END,) if lm.end else ()
     beams: dict[tuple[str, ...], float] = {(): 0.0}  # written so far: the pauses' share of its score
     for n, word in enumerate(words):
@@ -120,7 +122,7 @@ def punctuation_steps(words: list[str] | str, lm: WordLM, beam: int = 4, pauses:
         for b, evidence in beams.items():
             for mark in marks:
                 bonus = evidence + (pause if mark == "," else question if mark == "?" else 0.0)
-                choices = forms(word, n == 0)
+                choices = forms(word, n == 0, lm.names)
                 for form in choices:
                     grown[b + (form + mark,)] = bonus - (CAPITAL_COST if form != choices[0] else 0.0)
                 if b and b[-1][-1].isalnum() and word[0].isalnum():  # "three cornered" -> "three-cornered"
@@ -147,7 +149,8 @@ def recase_steps(written: tuple[str, ...], lm: WordLM, rounds: int = 3) -> Reque
     closing = (WordLM.END,) if lm.end else ()
     # the words that may take either case: not the first, not "I", not "1984"
     marks = "".join(MIDDLE + ENDS)
-    free = [n for n, w in enumerate(written) if n and len(forms(w.split("-")[0].lower().rstrip(marks), False)) == 2]
+    free = [n for n, w in enumerate(written)
+            if n and len(forms(w.split("-")[0].lower().rstrip(marks), False, lm.names)) == 2]
 
     def flip(s: tuple[str, ...], at: tuple[int, ...]) -> tuple[str, ...]:
         out = list(s)

@@ -4,10 +4,11 @@ log-probability, and the fused search against exhaustive rescoring."""
 import itertools
 import math
 
+import pytest
 import torch
 
 from mm.decoders import load_decoder
-from speech.lm_beam import Lexicon, WordLM, prefix_search, rescore
+from speech.lm_beam import Lexicon, WordLM, as_written, prefix_search, read_word_list, rescore
 
 ALPHABET = " ab"
 
@@ -91,6 +92,23 @@ def test_lexicon_of_a_tokenizer_without_word_tokens_knows_only_numbers():
     lexicon = Lexicon(tokenizer)
     assert lexicon.could_be("") and lexicon.could_be("1984")
     assert not lexicon.could_be("ab")
+
+
+def test_lexicon_knows_the_words_of_a_word_list(tmp_path):
+    _, tokenizer = load_decoder("tiny")
+    listed = tmp_path / "words"
+    listed.write_text("Loathing\nshudder\nAaron's\ncafé\n")
+    lexicon = Lexicon(tokenizer, read_word_list(str(listed)))
+    assert lexicon.words == {"loathing", "shudder"}  # lower-cased; possessives and accents left out
+    assert lexicon.could_be("loath") and lexicon.could_be("shudder") and lexicon.could_be("shudder's")
+    assert lexicon.unknown_length("shuder") == 2 and lexicon.unknown_length("loathings") == 1
+    # its names: the words it has only with a capital
+    names = Lexicon(tokenizer, ["Iowa", "Bill", "bill", "SunOS", "Einstein", "Einstein's"]).names
+    assert names == {"iowa", "einstein"}
+    assert [as_written(w, False, names) for w in ("iowa", "einstein's", "bill")] == ["Iowa", "Einstein's", "bill"]
+    with pytest.warns(UserWarning, match="no-such-list"):
+        assert read_word_list(str(tmp_path / "no-such-list")) == []
+    assert read_word_list("") == [] and read_word_list(None) == []
 
 
 def test_recordings_searched_side_by_side_read_as_each_alone():

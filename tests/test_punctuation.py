@@ -19,6 +19,7 @@ def test_forms_of_a_word():
     assert forms("where", False) == ("where", "Where")
     assert forms("i", False) == ("I",) and forms("i'm", True) == ("I'm",)
     assert forms("1984", False) == ("1984",)
+    assert forms("iowa", False, {"iowa"}) == ("Iowa",)  # a word list's name
 
 
 def written(words: list[str]) -> list[tuple[str, ...]]:

@@ -85,7 +85,7 @@ def test_an_unknown_word_does_not_run_on_through_the_spaces_after_it(smol):
     """Misspelled names, every space heard at 0.6 against blank: with only a fixed charge for a
     partial word that starts no word, the first unknown word went on through all the spaces after
     it (once unknown, more letters cost nothing); charged per character, the words stay apart
-    (at the default, 3: at 1 the first two still ran together, "Usetceclarance" costing the
+    (at the default, 5: at 1 the first two still ran together, "Usetceclarance" costing the
     decoder less as a sentence's first word than "Usetce clarance")."""
     from speech.conformer import CHARACTERS
     from speech.lm_beam import Lexicon, WordLM, prefix_search
