@@ -63,9 +63,9 @@ class TranscriberConfig:
     # start of a word (speech/lm_beam.py): against unknown words running on through spaces (dev
     # WER by it, with and without word_list: README, Speech)
     word_list: str | None = "/usr/share/dict/words"  # a file of words, one a line (Debian's
-    # wamerican), that the search's lexicon knows besides the decoder's whole-word tokens; empty
-    # (word_list= on a command line): those alone.
-    # Missing: a warning, and those alone (dev WER with and without: README, Speech)
+    # wamerican), that the search's lexicon knows besides the decoder's whole-word tokens; its
+    # names are written with a capital. Empty (word_list= on a command line): the tokens alone;
+    # missing: a warning, and the tokens alone
     punctuate: bool = True  # characters: casing and punctuation chosen by the decoder
     # (speech/punctuation.py); false: lower case, the first letter and "I" capitalised
     punctuation_beam: int = 4

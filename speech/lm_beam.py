@@ -54,7 +54,7 @@ def as_written(word: str, first: bool, names: Collection[str] = ()) -> str:
     """A word as read (lower case) as it is written where it stands: the first of a text, the
     pronoun I ("i", "i'm", "i'll") and the `names` (lower case, as `Lexicon.names`: "iowa",
     "einstein's") with a capital."""
-    capital = first or word == "i" or word.startswith("i'") or (bool(names) and word.partition("'")[0] in names)
+    capital = first or word == "i" or word.startswith("i'") or word.partition("'")[0] in names
     return word[:1].upper() + word[1:] if capital else word
 
 
