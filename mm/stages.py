@@ -98,6 +98,16 @@ class DataConfig:
     # (less padding for recordings of different lengths; see mm.data.ShardBatches)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     spec_augment: SpecAugmentConfig = field(default_factory=SpecAugmentConfig)  # audio only
+    speed: list[float] = field(default_factory=list)  # audio only: speed perturbation, one factor drawn
+    # per training recording ([0.9, 1.0, 1.1]: 10% slower and lower, as is, 10% faster and higher;
+    # speech.audio.SpeedPerturbation); empty: off
+
+    def speed_perturbation(self):
+        if not self.speed:
+            return None
+        from speech.audio import SpeedPerturbation
+
+        return SpeedPerturbation(self.speed)
 
 
 @dataclass
@@ -189,6 +199,10 @@ class StageConfig:
         problems += self.data.spec_augment.validate()
         if self.data.media != "audio" and self.data.spec_augment.transform() is not None:
             problems.append("data.spec_augment applies to audio only")
+        if any(not 0.5 <= f <= 2 for f in self.data.speed):
+            problems.append(f"data.speed: factors must lie in [0.5, 2], got {self.data.speed}")
+        if self.data.media != "audio" and self.data.speed:
+            problems.append("data.speed applies to audio only")
         if self.loss == "clip" and self.data.kind != "captions":
             problems.append("the clip loss needs data.kind: captions")
         if any(p == "decoder" or p.startswith("decoder.") for p in self.train):
@@ -310,12 +324,19 @@ class LMObjective(nn.Module):
         return int(same.long().cumprod(0).sum())
 
 
+def training_features(audio_processor, sample: dict, speed=None) -> torch.Tensor:
+    """A shard sample's recording -> its log-mel features, played at a drawn speed first where the
+    stage perturbs it (data.speed)."""
+    wave = audio_processor.wave((decode_audio(sample), SAMPLE_RATE))
+    return audio_processor.log_mel_of(speed(wave) if speed else wave)
+
+
 class LMExamples:
     """Raw shard sample -> example: image tiles, token ids and labels (runs in data workers)."""
 
-    def __init__(self, model, kind: str, max_tokens: int, augment=None, media: str = "image") -> None:
+    def __init__(self, model, kind: str, max_tokens: int, augment=None, media: str = "image", speed=None) -> None:
         self.tokenizer, self.kind, self.max_tokens = model.tokenizer, kind, max_tokens
-        self.augment, self.media = augment, media
+        self.augment, self.media, self.speed = augment, media, speed
         self.media_id = model.media_token_ids[media]
         self.frame_processor, self.frames = model.frame_processor, model.config.video.frames
         self.eos_id = model.tokenizer.eos_token_id
@@ -355,7 +376,7 @@ class LMExamples:
         adapter output when speech is spliced into the input."""
         from mm.model import ASR_PROMPT
 
-        features = self.audio_processor.features((decode_audio(sample), SAMPLE_RATE))
+        features = training_features(self.audio_processor, sample, self.speed)
         if self.augment:
             features = self.augment(features)
         fields = sample_json(sample)
@@ -461,11 +482,12 @@ class SpeechExamples:
     """Raw audio sample -> log-mel features (speech_ssl), and the transcript's characters
     (speech_ctc: the caption, or the spoken question of a dialogue sample)."""
 
-    def __init__(self, model, transcripts: bool = False, augment=None) -> None:
+    def __init__(self, model, transcripts: bool = False, augment=None, speed=None) -> None:
         self.audio_processor, self.transcripts, self.augment = model.audio_processor, transcripts, augment
+        self.speed = speed
 
     def __call__(self, sample: dict) -> dict:
-        features = self.audio_processor.features((decode_audio(sample), SAMPLE_RATE))
+        features = training_features(self.audio_processor, sample, self.speed)
         example = {"audio": self.augment(features) if self.augment else features}
         if self.transcripts:
             fields = sample_json(sample)

@@ -89,12 +89,14 @@ class Task:
                 self.trainable.update({f"bestrq.heads.{k}": v for k, v in self.aux.named_parameters()})
             else:
                 self.objective = CTCObjective(self.model.encoders["audio"])
-            self.decode, self.collate = SpeechExamples(self.model, cfg.loss == "ctc", cfg.data.spec_augment.transform()), collate_speech
+            self.decode, self.collate = SpeechExamples(self.model, cfg.loss == "ctc", cfg.data.spec_augment.transform(),
+                                                       cfg.data.speed_perturbation()), collate_speech
             return
         self.objective = LMObjective(self.model, cfg.ctc_weight, cfg.token_ctc_weight)
         pad = self.model.tokenizer.pad_token_id or 0
         augment = (cfg.data.spec_augment if cfg.data.media == "audio" else cfg.data.augment).transform()
-        self.decode = LMExamples(self.model, cfg.data.kind, cfg.max_text_tokens, augment, cfg.data.media)
+        self.decode = LMExamples(self.model, cfg.data.kind, cfg.max_text_tokens, augment, cfg.data.media,
+                                 cfg.data.speed_perturbation())
         self.collate = lambda examples: collate_lm(examples, pad)
 
     def trained_tensors(self) -> dict[str, torch.Tensor]:

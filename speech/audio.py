@@ -298,3 +298,21 @@ class SpecAugment:
         for _ in range(self.time_masks):
             x = self.time(x)
         return x[0].T.contiguous()
+
+
+class SpeedPerturbation:
+    """Speed perturbation (Ko et al. 2015) of a training recording: the 16 kHz wave played f times
+    as fast, tempo and pitch changing together as on a tape (torchaudio.functional.speed, a
+    resampling), f drawn uniformly from `factors` (torch's global generator); f = 1 leaves it as
+    it is. Each factor reads the corpus as if by a voice that speaks faster and higher, or slower
+    and lower."""
+
+    def __init__(self, factors: list[float]) -> None:
+        self.factors = [float(f) for f in factors]
+
+    @torch.no_grad()
+    def __call__(self, wave: Tensor) -> Tensor:
+        f = self.factors[int(torch.randint(len(self.factors), ()))]
+        if f == 1.0:
+            return wave
+        return torchaudio.functional.speed(wave, SAMPLE_RATE, f)[0]

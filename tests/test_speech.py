@@ -484,6 +484,16 @@ def test_speech_ctc_stage_and_size_grouped_batches(speech_shards, tmp_path):
         assert features.shape == plain.decode(sample)["audio"].shape and (features == 0).all(0).any()
     with pytest.raises(mm.ConfigError, match="spec_augment applies to audio only"):
         load_stage_config("configs/stages/image_sft.yaml", ["model=tiny", *masked])
+    # data.speed plays each training recording at a drawn speed (both stages): fewer frames at 1.25
+    for stage in ("speech_ctc", "speech_sft"):
+        fast = Task(stage_config(tmp_path, stage, [speech_shards / "asr"], ["init=null", "data.speed=[1.25]"]))
+        plain = Task(stage_config(tmp_path, stage, [speech_shards / "asr"], ["init=null"]))
+        n = len(plain.decode(sample)["audio"])
+        assert abs(len(fast.decode(sample)["audio"]) - n / 1.25) <= 2
+    with pytest.raises(mm.ConfigError, match="data.speed: factors must lie in"):
+        stage_config(tmp_path, "speech_ctc", [speech_shards / "asr"], ["data.speed=[0]"])
+    with pytest.raises(mm.ConfigError, match="data.speed applies to audio only"):
+        load_stage_config("configs/stages/image_sft.yaml", ["model=tiny", "data.speed=[0.9,1.1]"])
     with pytest.raises(mm.ConfigError, match="time_ratio"):
         stage_config(tmp_path, "speech_ctc", [speech_shards / "asr"], ["data.spec_augment.time_ratio=0"])
 

@@ -279,6 +279,22 @@ def test_spec_augment_masks_bands_and_stretches_only():
     assert SpecAugment(0, 27, 0, 40, 0.05)(feats).equal(feats)
 
 
+def test_speed_perturbation_changes_tempo_and_pitch_together():
+    """A factor f plays the recording f times as fast: 1/f of its length, its pitch f times as high;
+    1.0 leaves it untouched; the factor is drawn from the list."""
+    from speech.audio import SpeedPerturbation
+
+    wave = torch.from_numpy(tone(400, SAMPLE_RATE, 1.0))
+    for f in (0.9, 1.1):
+        out = SpeedPerturbation([f])(wave)
+        assert abs(len(out) - len(wave) / f) <= 2
+        assert abs(peak_hz(out) - 400 * f) < 3
+    assert SpeedPerturbation([1.0])(wave) is wave
+    torch.manual_seed(0)
+    lengths = {len(SpeedPerturbation([0.9, 1.0, 1.1])(wave)) for _ in range(30)}
+    assert len(lengths) == 3
+
+
 # ---- shards -----------------------------------------------------------------------------------------
 def test_mm_data_writes_audio_shards_skipping_a_corrupt_file(tmp_path, capsys):
     paths = {"one": write_audio(tmp_path / "one.flac", tone(300, 22050, 0.6), 22050),
