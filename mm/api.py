@@ -95,9 +95,14 @@ def checkpoint_chain(path: Path) -> list[tuple[Path, dict]]:
         seen.add(path.resolve())
         meta = read_checkpoint_meta(path)
         chain.append((path, meta))
-        # an absolute init replaces path; a relative one is taken from this checkpoint's directory
-        path = Path(os.path.normpath(path / meta["init"])) if meta.get("init") else None
+        path = init_of(path, meta)
     return chain[::-1]
+
+
+def init_of(path: Path, meta: dict) -> Path | None:
+    """The checkpoint `path` (its config `meta`) was initialised from: an absolute init as it is,
+    a relative one taken from the checkpoint's own directory; None for a checkpoint built fresh."""
+    return Path(os.path.normpath(Path(path) / meta["init"])) if meta.get("init") else None
 
 
 def load_checkpoint(path: str | Path, *, force: bool = False, config: ModelConfig | None = None,

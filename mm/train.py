@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from mm.api import CONFIG_FILE, FORMAT, WEIGHTS_FILE, build, load_checkpoint, load_adapter_tensors
+from mm.api import CONFIG_FILE, FORMAT, WEIGHTS_FILE, build, init_of, load_checkpoint, load_adapter_tensors
 from mm.checkpoint import load_tensors, remove_stale_temporaries, write_dir_atomically
 from mm.data import ShardBatches, batch_loader, expand_shards, to_tensor_dict
 from mm.errors import CheckpointError, ConfigError
@@ -410,14 +410,22 @@ def train(cfg: StageConfig) -> Path:
 
 
 def average_checkpoints(paths: list[Path], out: Path) -> None:
-    """Average the trained tensors of several checkpoints of one stage (e.g. the best of a sweep)."""
+    """Average the trained tensors of several checkpoints of one stage (e.g. the best of a sweep)
+    that start from the same checkpoint; `out` names that start relative to itself, as final/ does."""
     metas = [yaml.safe_load((Path(p) / CONFIG_FILE).read_text()) for p in paths]
     tensors = [load_tensors(Path(p) / WEIGHTS_FILE) for p in paths]
     if any(set(t) != set(tensors[0]) for t in tensors) or len({m.get("stage") for m in metas}) != 1:
         raise CheckpointError(paths[0], "checkpoints to average must come from the same stage, with the same tensors")
+    starts = {init_of(Path(p).resolve(), m) for p, m in zip(paths, metas)}
+    if len(starts) != 1:
+        raise CheckpointError(paths[0], "checkpoints to average must start from the same checkpoint (init), "
+                              f"not {sorted(map(str, starts))}")
     mean = {k: torch.stack([t[k].float() for t in tensors]).mean(0).to(tensors[0][k].dtype) for k in tensors[0]}
     meta = {**metas[0], "averaged_from": [str(Path(p).resolve()) for p in paths]}
     meta.pop("trainer", None)
+    start = starts.pop()
+    if start is not None:
+        meta["init"] = os.path.relpath(start, Path(out).resolve())
 
     def write(tmp: Path) -> None:
         save_file(mean, str(tmp / WEIGHTS_FILE))

@@ -228,6 +228,19 @@ def test_average_of_checkpoints(tmp_path, shards):
     assert torch.allclose(avg[name], (a[name] + b[name]) / 2)
     assert mm.load(tmp_path / "avg") is not None
 
+    # a later stage's final/ names its start relative to itself; the average, written at another
+    # depth, names the same start relative to itself
+    later = train(load_stage_config(stage_file(tmp_path, shards, "later.yaml", init=str(tmp_path / "run" / "final"),
+                                               output=str(tmp_path / "later"), optim__steps=4, save_every=2, keep=5)))
+    other = tmp_path / "later" / "checkpoints" / "step_000002"
+    average_checkpoints([later, other], tmp_path / "soup")
+    soup = mm.load(tmp_path / "soup")
+    start = mm.load(tmp_path / "run" / "final").adapter_state_dict()
+    assert not torch.equal(soup.adapter_state_dict()[name], start[name])
+    with pytest.raises(mm.CheckpointError, match="must start from the same checkpoint"):
+        average_checkpoints([later, steps[0]], tmp_path / "mixed")
+    assert not (tmp_path / "mixed").exists()
+
 
 # ---- faults and processes --------------------------------------------------------------------------
 def _free_port() -> int:
