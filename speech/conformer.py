@@ -57,7 +57,7 @@ class TranscriberConfig:
     # trained the character head, else decoder
     lm_weight: float = 0.5  # alpha: the language model's share of a prefix's score
     word_bonus: float = 1.0  # beta: added per word, against the cost each word's LM score adds
-    beam: int = 16  # prefixes kept per label frame of the character head
+    beam: int = 32  # prefixes kept per label frame of the character head (README, Speech: 16 -> 32)
     unknown_word: float = 10.0  # charged to a partial word that no word of the lexicon starts with
     unknown_char: float = 5.0  # and more for each further character it runs past the longest
     # start of a word (speech/lm_beam.py): against unknown words running on through spaces (dev
