@@ -27,7 +27,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         load_image(path)
     if args.video:
         probe_video(args.video)
-    model = mm.load(args.model, force=args.force)
+    model = mm.load(args.model, overrides=args.set, force=args.force)
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                   seed=args.seed)
     if args.stream:
@@ -59,7 +59,7 @@ def cmd_talk(args: argparse.Namespace) -> int:
     load_audio(args.audio)  # refuse a bad recording before spending time loading the model
     if args.speak and speaker_problem():
         raise mm.InputError(args.speak, speaker_problem())
-    model = mm.load(args.model, force=args.force)
+    model = mm.load(args.model, overrides=args.set, force=args.force)
     transcript, reply = model.respond(args.audio, args.language, max_new_tokens=args.max_new_tokens)
     print(f"you said: {transcript}")
     print(f"reply: {reply}")
@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--compare-bare", action="store_true",
                      help="also print the bare decoder's greedy reply to the text alone")
     ask.add_argument("--force", action="store_true", help="load a checkpoint trained on another decoder")
+    ask.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="change the model's config for this run, e.g. video.frames=32; repeat for several")
     ask.set_defaults(func=cmd_ask)
 
     talk = sub.add_parser("talk", help="speech in: the transcript, then the reply to what was said")
@@ -164,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     talk.add_argument("--speak", metavar="OUT.wav", help="also speak the reply into this file (espeak-ng)")
     talk.add_argument("--voice", default="en-us", help="espeak-ng voice of --speak")
     talk.add_argument("--force", action="store_true", help="load a checkpoint trained on another decoder")
+    talk.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="change the model's config for this run, e.g. speech.transcriber.beam=32; repeat for several")
     talk.set_defaults(func=cmd_talk)
 
     tr = sub.add_parser("train", help="run (or resume) a training stage; torchrun -m mm.train for N processes")

@@ -382,6 +382,26 @@ def test_talk_prints_transcript_then_reply_and_speaks(tmp_path, capsys):
         assert rate > 0 and len(spoken) > 0
 
 
+def test_talk_set_changes_the_model_config_for_the_run(tmp_path, capsys, monkeypatch):
+    """--set KEY=VALUE reaches the loaded model's config (how it transcribes, say); a bad key is a
+    one-line error, exit 2."""
+    import mm
+
+    loaded = []
+    real_load = mm.load
+    monkeypatch.setattr(mm, "load", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
+    path = tmp_path / "q.wav"
+    soundfile.write(path, tone(0.6, 500), 16000)
+    args = ["talk", "--model", "tiny", "--max-new-tokens", "3", str(path)]
+    assert main([*args, "--set", "speech.transcriber.beam=3", "--set", "speech.transcriber.lm_weight=0.25"]) == 0
+    transcriber = loaded[-1].config.speech.transcriber
+    assert (transcriber.beam, transcriber.lm_weight) == (3, 0.25)
+    assert capsys.readouterr().out.startswith("you said:")
+    assert main([*args, "--set", "speech.transcriber.no_such_key=1"]) == 2
+    err = capsys.readouterr().err
+    assert "no_such_key" in err and err.count("\n") == 1
+
+
 def test_talk_errors_are_one_line(tmp_path, capsys, monkeypatch):
     assert main(["talk", "--model", "tiny", str(tmp_path / "nope.wav")]) == 2
     err = capsys.readouterr().err
