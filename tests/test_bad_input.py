@@ -88,3 +88,12 @@ def test_prompt_over_the_context(tiny):
     with pytest.raises(InputError, match="exceed the context of 512"):
         tiny.generate("x" * 600, max_new_tokens=4)
     assert main(["ask", "--model", "tiny", "--max-new-tokens", "4", "y" * 600]) == 2
+
+
+def test_ask_set_reaches_the_config_and_a_bad_key_is_one_line(capsys):
+    """mm ask --set KEY=VALUE: a bad value or key ends with one line naming it, exit 2."""
+    assert main(["ask", "--model", "tiny", "--max-new-tokens", "2", "--set", "video.frames=0", "hi"]) == 2
+    assert main(["ask", "--model", "tiny", "--max-new-tokens", "2", "--set", "video.no_such_key=1", "hi"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "frames" in err[0] and "no_such_key" in err[1], err
+    assert main(["ask", "--model", "tiny", "--max-new-tokens", "2", "--set", "video.frames=4", "hi"]) == 0
